@@ -1,0 +1,107 @@
+"""Train-step throughput of a config: samples/s, step time, compiled FLOPs, achieved FLOP/s.
+
+  python benchmarks/train_throughput.py --config configs/clip.py:demo [--steps 20]
+
+Three numbers per config: the jitted train step alone on a fixed device batch (compute),
+the input pipeline alone (host), and the two together as the trainer runs them. FLOPs come
+from XLA's cost analysis of the compiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from big_contrast import config as config_lib
+from big_contrast.data import pipeline
+from big_contrast.experiment import Experiment
+from big_contrast.train_state import make_train_step
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+
+def measure(config, steps: int) -> dict:
+    exp = Experiment(config)
+    mesh = exp.mesh
+    state = exp.state_factory.create()
+    shardings = jax.tree.map(lambda s: s.sharding, exp.state_factory.abstract())
+    step_fn = make_train_step(exp.state_factory, shardings)
+    dataset = pipeline.train_dataset(config.data, exp.objective.batch_spec, exp.tokenizer,
+                                     exp.local_batch_size, config.seed)
+    data = pipeline.DeviceIterator(dataset, mesh, config.data.prefetch)
+    batch, _ = next(data)
+
+    with jax.set_mesh(mesh):
+        began = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - began
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", float("nan")))
+
+        state, out = step_fn(state, batch)  # warm-up (also settles any weak types)
+        jax.block_until_ready(out)
+        holder = {"state": state}
+
+        def compute_only():
+            holder["state"], m = step_fn(holder["state"], batch)
+            jax.block_until_ready(m)
+
+        step_seconds = _median_time(compute_only, steps)
+
+        def host_only():
+            next(dataset_iter)
+
+        dataset_iter = iter(dataset)
+        next(dataset_iter)
+        pipeline_seconds = _median_time(host_only, steps)
+
+        began = time.perf_counter()
+        for _ in range(steps):
+            batch, _ = next(data)
+            holder["state"], m = step_fn(holder["state"], batch)
+        jax.block_until_ready(m)
+        end_to_end_seconds = (time.perf_counter() - began) / steps
+    data.close()
+    bs = config.batch_size
+    return {
+        "batch_size": bs,
+        "devices": mesh.devices.size,
+        "compile_s": compile_seconds,
+        "step_s": step_seconds,
+        "samples_per_s_compute": bs / step_seconds,
+        "pipeline_batch_s": pipeline_seconds,
+        "samples_per_s_pipeline": bs / pipeline_seconds,
+        "samples_per_s_end_to_end": bs / end_to_end_seconds,
+        "gflops_per_step": flops / 1e9,
+        "achieved_gflop_per_s": flops / step_seconds / 1e9,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="e.g. configs/clip.py:demo")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. batch_size=256 data.num_workers=1")
+    args = parser.parse_args()
+    config = config_lib.load_config_file(args.config)
+    config_lib.apply_overrides(config, dict(kv.split("=", 1) for kv in args.set))
+    results = measure(config, args.steps)
+    print(f"{args.config} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s))")
+    for key, value in results.items():
+        print(f"  {key:<26} {value:,.3f}" if isinstance(value, float) else f"  {key:<26} {value}")
+
+
+if __name__ == "__main__":
+    main()

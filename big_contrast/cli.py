@@ -1,0 +1,58 @@
+"""Command-line plumbing shared by the entrypoints: the --config / --workdir flags, and flag
+parsing that names a misspelt --config.<key> with the closest valid key."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging as absl_logging
+from ml_collections import config_flags
+
+from big_contrast import config as config_lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(workdir_help: str):
+    """Defines --config and --workdir; returns the config flag holder."""
+    holder = config_flags.DEFINE_config_file(
+        "config", None, "Recipe file and variant, e.g. configs/clip.py:demo", lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    return holder
+
+
+def _config_argument(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse_flags(argv):
+    """absl parsing; on failure, a one-line error naming the bad key (and a close valid one)."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError, ValueError, flags.Error) as e:
+        config_arg = _config_argument(argv)
+        if config_arg:
+            try:
+                config_lib.check_command_line_keys(config_arg, argv)
+            except config_lib.ConfigError as named:
+                sys.exit(f"error: {named}")
+        sys.exit(f"error: {e}")
+
+
+def run(main) -> None:
+    """app.run with our flag parser; requires --workdir; quiets INFO logs of orbax/grain."""
+
+    def checked_main(argv):
+        if len(argv) > 1:
+            sys.exit(f"error: unexpected arguments {argv[1:]}")
+        if not FLAGS.workdir:
+            sys.exit("error: --workdir is required")
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        main()
+
+    app.run(checked_main, flags_parser=parse_flags)

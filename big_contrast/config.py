@@ -1,0 +1,242 @@
+"""Config plumbing: config-string arguments, strict keys with suggestions, duration units.
+
+Recipes in configs/ start from ``base_config()``, which declares every key the trainer reads,
+so a locked config rejects any key that is not one of them, and a misspelt key is reported
+with the closest valid one.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A config key or value the trainer cannot use; the message says what to write instead."""
+
+
+def closest_suggestion(name: str, candidates) -> str:
+    """Returns "; did you mean 'x'?" for the closest candidate, or "" when none is close."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted keys of a (nested) ConfigDict, e.g. ['optim.lr', 'total_steps']."""
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, prefix + key + "."))
+    return keys
+
+
+def unknown_key_error(key: str, config: ml_collections.ConfigDict, where: str = "config") -> ConfigError:
+    return ConfigError(f"unknown {where} key '{key}'{closest_suggestion(key, flat_keys(config))}")
+
+
+def _typed(text: str, default):
+    """Converts a config-string value to the type of its default."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"expected a boolean, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return type(default)(float(text)) if isinstance(default, int) and "e" in text.lower() \
+            else type(default)(text)
+    if isinstance(default, str) or default is None:
+        return text
+    return type(default)(ast.literal_eval(text))
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """Parses a config-string argument such as 'demo' or 'B/32,bs=4096,res=224'.
+
+    ``spec`` gives every accepted key with its default (which fixes its type). Entries are
+    comma-separated ``key=value`` pairs; a bare value binds to the first key in ``spec``
+    (typically the variant name), or sets a boolean key of that name to True.
+    """
+    out = ml_collections.ConfigDict(spec)
+    if not arg:
+        return out
+    first_key = next(iter(spec))
+    for entry in arg.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if "=" in entry:
+            key, value = (s.strip() for s in entry.split("=", 1))
+        elif isinstance(spec.get(entry), bool):
+            key, value = entry, "true"
+        else:
+            key, value = first_key, entry
+        if key not in spec:
+            raise ConfigError(f"unknown config argument '{key}' in {arg!r}{closest_suggestion(key, spec)}; "
+                              f"accepted: {', '.join(spec)}")
+        try:
+            out[key] = _typed(value, spec[key])
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"config argument '{key}={value}': {e}") from None
+    return out
+
+
+def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
+    """Loads 'configs/clip.py:demo' the way --config does (without command-line overrides)."""
+    path, _, arg = path_and_arg.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"big_contrast_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.lock()
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys in place from strings ({'optim.lr': '1e-3'}), typed like the current
+    value; unknown keys raise with a suggestion."""
+    for key, text in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise unknown_key_error(key, config)
+            node = node[part]
+        if leaf not in node:
+            raise unknown_key_error(key, config)
+        current = node[leaf]
+        if current is None:  # a typed placeholder
+            current = node.get_type(leaf)()
+        try:
+            node[leaf] = _typed(str(text), current)
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise ConfigError(f"cannot set '{key}' to {text!r}: {e}") from None
+    return config
+
+
+def check_command_line_keys(config_arg: str, argv) -> None:
+    """Names the first ``--config.<key>`` in argv that the loaded config does not have."""
+    config = load_config_file(config_arg)
+    valid = set(flat_keys(config))
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in valid:
+                raise unknown_key_error(key, config)
+
+
+# ----------------------------------------------------------------------------- durations
+
+
+def steps_from_duration(config: ml_collections.ConfigDict, name: str, batch_size: int,
+                        examples_per_epoch: int | None = None) -> int | None:
+    """Resolves ``{name}_steps | {name}_examples | {name}_epochs`` (at most one set) to steps."""
+    keys = [f"{name}_{unit}" for unit in ("steps", "examples", "epochs")]
+    present = [k for k in keys if k in config]
+    given = {k: config[k] for k in present if config[k] is not None}
+    if len(given) > 1:
+        raise ConfigError(f"set only one of {', '.join(present)}; got {given}")
+    if not given:
+        return None
+    key, value = next(iter(given.items()))
+    if key.endswith("_steps"):
+        return int(value)
+    if key.endswith("_examples"):
+        return max(1, int(round(value / batch_size)))
+    if examples_per_epoch is None:
+        raise ConfigError(f"{key} needs a finite training source; use {name}_steps")
+    return max(1, int(round(value * examples_per_epoch / batch_size)))
+
+
+def placeholder(kind):
+    """A typed None field: it can be set later from the command line."""
+    return config_dict.placeholder(kind)
+
+
+# ----------------------------------------------------------------------------- the base config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with defaults. Recipes (configs/*.py) start from this."""
+    c = ml_collections.ConfigDict()
+    c.objective = "contrastive"
+    c.seed = 0
+    c.batch_size = 256  # global, over all processes and devices
+    # Training length: set exactly one of these.
+    c.total_steps = placeholder(int)
+    c.total_examples = placeholder(int)
+    c.total_epochs = placeholder(float)
+    c.log_every = 50  # steps between progress lines / metric records (the only host syncs)
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.eval_batch_size = 500
+    c.tensorboard = True
+
+    # Mesh axes (one may be -1: all remaining devices) and logical -> mesh axis rules.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    c.sharding_rules = [
+        ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "model"], ["heads", "model"],
+        ["vocab", "model"], ["kv", None], ["length", None],
+    ]
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | lamb
+    c.optim.lr = 5e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.2
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+    c.optim.decay = "cosine"  # cosine | linear, after a linear warmup
+    c.optim.end_lr_fraction = 0.0  # the schedule ends at lr * this
+    c.optim.warmup_steps = placeholder(int)
+    c.optim.warmup_examples = placeholder(int)
+    c.optim.warmup_epochs = placeholder(float)
+    # Parameters matching these regexes (and all vectors/scalars) get no weight decay.
+    c.optim.no_decay = ["posemb", "/cls$", "log_scale"]
+
+    c.loss = ml_collections.ConfigDict({"label_smoothing": 0.0})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image = ml_collections.ConfigDict(
+        {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "remat": False})
+    c.model.text = ml_collections.ConfigDict(
+        {"variant": "M", "causal": True, "pool": "eos", "remat": False})
+    c.model.embed_dim = 512
+    c.model.projection = "linear"  # linear | mlp | none
+    c.model.init_scale = 1 / 0.07  # CLIP's initial logit scale
+    c.model.learn_scale = True
+    c.model.max_scale = 100.0  # CLIP clamps the logit scale at 100
+
+    c.text = ml_collections.ConfigDict()
+    c.text.tokenizer = "words"  # words (hashed, built in) | bytes | sentencepiece
+    c.text.max_len = 32
+    c.text.vocab_size = 32_000  # for 'words'; others define their own
+    c.text.model_path = ""  # for 'sentencepiece'
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic | manifest | tfds | array_record
+    c.data.train_split = "train"
+    c.data.image_size = 32
+    c.data.shuffle = True
+    c.data.num_workers = 0  # grain worker processes (0: decode in the main process)
+    c.data.read_threads = 0  # reader threads per process; >0 helps when reading remote files
+    c.data.worker_buffer_size = 2
+    c.data.prefetch = 2  # batches prepared ahead on the device-transfer thread
+    c.data.path = ""  # manifest / ArrayRecord path ('{split}' is replaced), or TFDS data_dir
+    c.data.tfds_name = ""
+    c.data.image_key = "image"
+    c.data.caption_key = "caption"
+    c.data.synthetic = ml_collections.ConfigDict(
+        {"seed": 0, "num_records": 10_000_000, "two_object_prob": 0.3})
+    c.data.augment = ml_collections.ConfigDict({"crop_scale": (1.0, 1.0), "flip": False})
+
+    c.evals = ml_collections.ConfigDict()
+    return c

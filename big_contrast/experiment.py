@@ -1,0 +1,62 @@
+"""What train, evaluate and the benchmarks all derive from a config: mesh, tokenizer,
+objective, training length and the train-state factory."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from big_contrast import config as config_lib, optim, sharding
+from big_contrast.data import sources, tokenizers
+from big_contrast.objectives import build_objective
+from big_contrast.train_state import StateFactory
+
+
+def build_tokenizer(config) -> tokenizers.Tokenizer:
+    t = config.text
+    return tokenizers.get_tokenizer(t.tokenizer, t.max_len, t.vocab_size, t.model_path or None)
+
+
+def example_batch(spec, max_len: int) -> dict:
+    """A one-example batch with the spec's shapes, for initialising parameters."""
+    batch = {key: np.zeros((1, view.size, view.size, 3), np.uint8)
+             for key, view in zip(spec.image_keys(), spec.views)}
+    if spec.text:
+        batch["text"] = np.zeros((1, max_len), np.int32)
+    return batch
+
+
+def training_length(config, examples_per_epoch: int | None) -> tuple[int, int]:
+    """(total_steps, warmup_steps) from whichever duration units the config uses."""
+    total = config_lib.steps_from_duration(config, "total", config.batch_size, examples_per_epoch)
+    if total is None:
+        raise config_lib.ConfigError("set the training length: total_steps, total_examples "
+                                     "or total_epochs")
+    warmup = config_lib.steps_from_duration(config.optim, "warmup", config.batch_size,
+                                            examples_per_epoch) or 0
+    return total, warmup
+
+
+class Experiment:
+    """The pieces of a run that follow from its config alone (no data read, no state built).
+
+    ``examples_per_epoch`` may be given to avoid opening the training source (shape checks of
+    paper-scale recipes whose data is not on this machine).
+    """
+
+    def __init__(self, config, devices=None, examples_per_epoch: int | None = None):
+        self.config = config
+        self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+        self.rules = sharding.rules_from_config(config.sharding_rules)
+        self.tokenizer = build_tokenizer(config)
+        self.objective = build_objective(config, self.tokenizer)
+        if examples_per_epoch is None and config.total_epochs is not None:
+            train_source = sources.build_source(config.data, config.data.train_split)
+            examples_per_epoch = sources.num_examples(train_source)
+        self.total_steps, self.warmup_steps = training_length(config, examples_per_epoch)
+        self.local_batch_size = sharding.batch_size_per_process(config.batch_size, self.mesh)
+        self.state_factory = StateFactory(
+            self.objective,
+            lambda params: optim.make_optimizer(config.optim, params, self.total_steps,
+                                                self.warmup_steps),
+            example_batch(self.objective.batch_spec, config.text.max_len),
+            self.mesh, self.rules, config.seed)

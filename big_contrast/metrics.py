@@ -1,0 +1,107 @@
+"""Metric writers (JSONL + TensorBoard, every record carries its step), the progress line and
+the final summary table. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+
+
+class MetricWriter:
+    """Appends {'step': s, **scalars} to workdir/metrics.jsonl and TensorBoard event files."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # imported lazily: start-up time counts
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self._tb.add_scalar(key, value, global_step=int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Step throughput and ETA measured between logging points (compilation excluded from the
+    rate once the first interval has passed)."""
+
+    def __init__(self, total_steps: int, batch_size: int, first_step: int = 0):
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self._last_step = first_step
+        self._last_time = time.perf_counter()
+        self.start_time = self._last_time
+        self.samples_per_second = float("nan")
+
+    def update(self, step: int) -> None:
+        now = time.perf_counter()
+        if step > self._last_step:
+            self.samples_per_second = (step - self._last_step) * self.batch_size / (now - self._last_time)
+        self._last_step, self._last_time = step, now
+
+    def pause(self, seconds: float) -> None:
+        """Excludes time spent on evaluation or checkpoints from the throughput."""
+        self._last_time += seconds
+
+    def eta_seconds(self, step: int) -> float:
+        if not self.samples_per_second > 0:
+            return float("nan")
+        return (self.total_steps - step) * self.batch_size / self.samples_per_second
+
+    def line(self, step: int, metrics: dict) -> str:
+        width = len(str(self.total_steps))
+        parts = [f"step {step:>{width}}/{self.total_steps}"]
+        for key in ("loss", "learning_rate", "temperature"):
+            if key in metrics:
+                value = metrics[key]
+                parts.append(f"{key.replace('learning_rate', 'lr')} {value:.4g}")
+        parts.append(f"{self.samples_per_second:,.0f} samples/s")
+        parts.append(f"ETA {_duration(self.eta_seconds(step))}")
+        return " | ".join(parts)
+
+
+def summary_table(title: str, rows: dict) -> str:
+    """A two-column text table of name -> value."""
+    width = max([len(k) for k in rows] + [len(title)])
+    lines = [title, "-" * (width + 14)]
+    for key, value in rows.items():
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {text:>12}")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""EfficientNet image tower (Tan & Le 2019), B0..B7, L2 and a tiny CPU size: ALIGN's image encoder.
+
+It returns (pooled, tokens) like the ViT tower, so configs can swap one for the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from big_contrast.models.vit import pixels_to_unit_range
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+    """Compound-scaling coefficients of one variant.
+
+    dropout is the reference classifier's rate before its final dense layer; this tower has no
+    classifier, so it is there for whatever head a config puts on top.
+    """
+
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+
+
+VARIANTS = {
+    "tiny": Scaling(0.25, 0.34, 32, 0.0),
+    "B0": Scaling(1.0, 1.0, 224, 0.2),
+    "B1": Scaling(1.0, 1.1, 240, 0.2),
+    "B2": Scaling(1.1, 1.2, 260, 0.3),
+    "B3": Scaling(1.2, 1.4, 300, 0.3),
+    "B4": Scaling(1.4, 1.8, 380, 0.4),
+    "B5": Scaling(1.6, 2.2, 456, 0.4),
+    "B6": Scaling(1.8, 2.6, 528, 0.5),
+    "B7": Scaling(2.0, 3.1, 600, 0.5),
+    "L2": Scaling(4.3, 5.3, 800, 0.5),
+}
+
+# B0 stages: (expand ratio, output channels, repeats, first stride, kernel size).
+B0_STAGES = (
+    (1, 16, 1, 1, 3),
+    (6, 24, 2, 2, 3),
+    (6, 40, 2, 2, 5),
+    (6, 80, 3, 2, 3),
+    (6, 112, 3, 1, 5),
+    (6, 192, 4, 2, 5),
+    (6, 320, 1, 1, 3),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+SE_RATIO = 0.25
+
+
+def scaling(variant: str) -> Scaling:
+    """The variant's coefficients; raises ValueError naming the known variants."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet variant {variant!r}; variants are {list(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def resolution(variant: str) -> int:
+    """The variant's native (square) input resolution, e.g. 224 for 'B0'."""
+    return scaling(variant).resolution
+
+
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """Scales a channel count by width, to a multiple of divisor, never below 90% of the target."""
+    target = channels * width
+    rounded = max(divisor, int(target + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * target:
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+# Conv kernels: normal with variance 2 / fan_out, fan_out = kh * kw * output channels. A
+# depthwise kernel is [kh, kw, 1, C] in Flax and each filter sees one channel, so its fan-out
+# is kh * kw; that is the fan-in Flax computes (its fan_out would also count the C filters).
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_DEPTHWISE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+_CONV_NAMES = (None, None, None, None)  # channel counts like 24 or 40 divide no mesh axis
+
+
+def _conv(features, kernel, name, strides=1, groups=1, use_bias=False):
+    init = _DEPTHWISE_INIT if groups > 1 else _CONV_INIT
+    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+                   feature_group_count=groups, use_bias=use_bias, name=name,
+                   kernel_init=nn.with_logical_partitioning(init, _CONV_NAMES),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+
+
+def _batch_norm(train, momentum, epsilon, name):
+    """BatchNorm with replicated, logically-named scale and bias; statistics in 'batch_stats'."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+
+
+class MBConv(nn.Module):
+    """Inverted-residual block: expand 1x1 -> depthwise -> squeeze-excite -> project 1x1.
+
+    The residual (with per-example drop-connect at drop_rate) applies when the block keeps
+    both the resolution and the channel count.
+    """
+
+    expand_ratio: int
+    features: int
+    stride: int
+    kernel: int
+    drop_rate: float
+    bn_momentum: float
+    bn_epsilon: float
+
+    @nn.compact
+    def __call__(self, inputs, train: bool = False):
+        bn = functools.partial(_batch_norm, train, self.bn_momentum, self.bn_epsilon)
+        in_features = inputs.shape[-1]
+        hidden = in_features * self.expand_ratio
+        x = inputs
+        if self.expand_ratio != 1:
+            x = _conv(hidden, 1, "expand_conv")(x)
+            x = nn.swish(bn("expand_bn")(x))
+        x = _conv(hidden, self.kernel, "depthwise_conv", strides=self.stride, groups=hidden)(x)
+        x = nn.swish(bn("depthwise_bn")(x))
+
+        squeezed = max(1, int(in_features * SE_RATIO))
+        se = jnp.mean(x, axis=(1, 2), keepdims=True)
+        se = nn.swish(_conv(squeezed, 1, "se_reduce", use_bias=True)(se))
+        se = _conv(hidden, 1, "se_expand", use_bias=True)(se)
+        x = x * nn.sigmoid(se)
+
+        x = _conv(self.features, 1, "project_conv")(x)
+        x = bn("project_bn")(x)
+        if self.stride == 1 and in_features == self.features:
+            x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
+                           name="drop_connect")(x)
+            x = x + inputs
+        return x
+
+
+class EfficientNet(nn.Module):
+    """Stem -> MBConv stages -> 1x1 head conv, scaled by variant ('B0'..'B7', 'L2', 'tiny').
+
+    Attributes:
+      variant: key of VARIANTS.
+      drop_connect_rate: stochastic depth; block i of n (from 0) drops its residual branch with
+        probability drop_connect_rate * i / n, drawn from the 'dropout' rng when train=True.
+      bn_momentum, bn_epsilon: BatchNorm settings (running statistics live in 'batch_stats',
+        so train=True needs mutable=['batch_stats']).
+      remat: rematerialise each MBConv block in the backward pass (saves activation memory).
+    Takes images [B, H, W, 3] (uint8, or floats already in [-1, 1]); returns
+    (pooled [B, C_head], tokens [B, H' * W', C_head]); tokens feed captioning decoders.
+    """
+
+    variant: str = "B0"
+    drop_connect_rate: float = 0.2
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        coeffs = scaling(self.variant)
+        bn = functools.partial(_batch_norm, train, self.bn_momentum, self.bn_epsilon)
+        # static_argnums counts self: MBConv.__call__(self, inputs, train), train a Python bool.
+        block_cls = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
+
+        x = pixels_to_unit_range(images)
+        x = _conv(round_filters(STEM_CHANNELS, coeffs.width), 3, "stem_conv", strides=2)(x)
+        x = nn.swish(bn("stem_bn")(x))
+
+        stages = [(expand, round_filters(channels, coeffs.width),
+                   round_repeats(repeats, coeffs.depth), stride, kernel)
+                  for expand, channels, repeats, stride, kernel in B0_STAGES]
+        num_blocks = sum(stage[2] for stage in stages)
+        index = 0
+        for s, (expand, channels, repeats, stride, kernel) in enumerate(stages):
+            for r in range(repeats):
+                x = block_cls(expand, channels, stride if r == 0 else 1, kernel,
+                              drop_rate=self.drop_connect_rate * index / num_blocks,
+                              bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                              name=f"stage{s}_block{r}")(x, train)
+                index += 1
+
+        x = _conv(round_filters(HEAD_CHANNELS, coeffs.width), 1, "head_conv")(x)
+        x = nn.swish(bn("head_bn")(x))
+        batch, _, _, channels = x.shape
+        return jnp.mean(x, axis=(1, 2)), x.reshape(batch, -1, channels)

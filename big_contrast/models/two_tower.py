@@ -1,0 +1,90 @@
+"""Two-tower (dual encoder) model: image and text towers, projections into one space, L2
+normalisation, and a learnable log-temperature (CLIP: scale starts at 1/0.07, clamped at 100)."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from big_contrast.models import heads
+from big_contrast.models.efficientnet import EfficientNet
+from big_contrast.models.text import TextTransformer
+from big_contrast.models.vit import ViT
+
+
+def build_image_tower(cfg) -> nn.Module:
+    """cfg: {type: 'vit' | 'efficientnet', variant, pool and stem (vit only), remat}."""
+    if cfg.type == "vit":
+        return ViT(cfg.variant, pool=cfg.pool, stem=cfg.stem, remat=cfg.remat)
+    if cfg.type == "cnn":
+        from big_contrast.models.cnn import CNN
+        return CNN(cfg.variant)
+    if cfg.type == "efficientnet":
+        return EfficientNet(cfg.variant, remat=cfg.remat)
+    raise ValueError(f"unknown image tower {cfg.type!r}; choose 'vit' or 'efficientnet'")
+
+
+def build_text_tower(cfg, vocab_size: int, eos_id: int) -> nn.Module:
+    """cfg: {variant, causal, pool, remat}; vocabulary and EOS come from the tokenizer."""
+    return TextTransformer(cfg.variant, vocab_size=vocab_size, causal=cfg.causal, pool=cfg.pool,
+                           eos_id=eos_id, remat=cfg.remat)
+
+
+def _l2_normalise(x):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+class TwoTower(nn.Module):
+    """Returns {'image', 'text': L2-normalised embeddings, 'scale': exp(log_scale)}.
+
+    Either input may be None (evaluators embed one modality at a time). ``log_scale`` is a
+    parameter when ``learn_scale``; ``clamp_log_scale`` keeps it in [0, log(max_scale)] after
+    every optimizer step, as CLIP does.
+    """
+
+    image_tower: nn.Module
+    text_tower: nn.Module
+    embed_dim: int
+    projection: str = "linear"
+    init_scale: float = 1 / 0.07
+    learn_scale: bool = True
+
+    def setup(self):
+        self.image_proj = heads.Projection(self.embed_dim, self.projection)
+        self.text_proj = heads.Projection(self.embed_dim, self.projection)
+        init = math.log(self.init_scale)
+        if self.learn_scale:
+            # A concrete float32 (not a weakly typed Python float) so the train step compiles once.
+            self.log_scale = self.param(
+                "log_scale", nn.with_logical_partitioning(
+                    lambda _: jnp.asarray(init, jnp.float32), ()))
+        else:
+            self.log_scale = jnp.asarray(init, jnp.float32)
+
+    def encode_image(self, images, train: bool = False):
+        pooled, _ = self.image_tower(images, train=train)
+        return _l2_normalise(self.image_proj(pooled))
+
+    def encode_text(self, tokens, train: bool = False):
+        pooled, _ = self.text_tower(tokens, train=train)
+        return _l2_normalise(self.text_proj(pooled))
+
+    def __call__(self, images=None, texts=None, train: bool = False):
+        out = {"scale": jnp.exp(self.log_scale)}
+        if images is not None:
+            out["image"] = self.encode_image(images, train)
+        if texts is not None:
+            out["text"] = self.encode_text(texts, train)
+        return out
+
+
+def clamp_log_scale(params, max_scale: float):
+    """CLIP's post-step clamp: log_scale in [0, log(max_scale)] (a no-op without the param)."""
+    if "log_scale" not in params:
+        return params
+    clamped = jnp.clip(params["log_scale"], 0.0, math.log(max_scale))
+    return {**params, "log_scale": clamped}

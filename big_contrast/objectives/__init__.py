@@ -1,0 +1,15 @@
+"""Objectives by config name; adding one is a new module plus an entry here."""
+
+from big_contrast.objectives.base import Objective
+from big_contrast.objectives.contrastive import Contrastive
+
+OBJECTIVES = {"contrastive": Contrastive}
+
+
+def build_objective(config, tokenizer) -> Objective:
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {config.objective!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[config.objective](config, tokenizer)
+
+
+__all__ = ["Objective", "OBJECTIVES", "build_objective"]

@@ -1,0 +1,45 @@
+"""The objective contract: what the trainer, the pipeline and the evaluators may ask of an
+objective. The trainer knows nothing about CLIP or SwAV; an objective is one file plus a config.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import jax
+
+from big_contrast.data.spec import BatchSpec
+
+
+class Objective(abc.ABC):
+    """Model outputs -> losses -> metrics, for one training objective.
+
+    Variables are split as in Linen: ``params`` (trained by the optimizer) and ``model_state``,
+    a dict of the other collections (batch statistics, queues, EMA) that ``loss_fn`` returns
+    updated. All methods are pure and jit-able.
+    """
+
+    @property
+    @abc.abstractmethod
+    def batch_spec(self) -> BatchSpec:
+        """What the input pipeline must produce for training."""
+
+    @abc.abstractmethod
+    def init_variables(self, rng: jax.Array, batch: dict) -> dict:
+        """Linen variables (boxed with logical axis names) for an example batch."""
+
+    @abc.abstractmethod
+    def loss_fn(self, params, model_state: dict, batch: dict, rng: jax.Array):
+        """Returns (loss, (metrics dict of scalars, new model_state))."""
+
+    def postprocess_params(self, params):
+        """Applied after every optimizer update (clamps, re-normalisations); default: none."""
+        return params
+
+    def embed_images(self, params, model_state: dict, images):
+        """L2-normalised image embeddings, for evaluators; objectives without one raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no image embedding")
+
+    def embed_texts(self, params, model_state: dict, tokens):
+        """L2-normalised text embeddings, for evaluators; objectives without one raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no text embedding")

@@ -1,0 +1,63 @@
+"""Optimizers from config: global-norm clipping -> AdamW / LAMB with warmup + cosine, and a
+weight-decay mask that spares biases, norms, temperatures and position/class embeddings."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from big_contrast.config import ConfigError
+
+
+def make_schedule(optim_config, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then cosine or linear decay to ``lr * end_lr_fraction``."""
+    if warmup_steps >= total_steps:
+        raise ConfigError(f"the warmup ({warmup_steps} steps, optim.warmup_*) must be shorter "
+                          f"than training ({total_steps} steps)")
+    peak, end = optim_config.lr, optim_config.lr * optim_config.end_lr_fraction
+    if optim_config.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, total_steps - warmup_steps, end / peak if peak else 0.0)
+    elif optim_config.decay == "linear":
+        decay = optax.linear_schedule(peak, end, total_steps - warmup_steps)
+    else:
+        raise ConfigError(f"unknown optim.decay {optim_config.decay!r}; choose 'cosine' or 'linear'")
+    if not warmup_steps:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def weight_decay_mask(params, no_decay_patterns) -> dict:
+    """True for leaves that decay: matrices and kernels, minus names matching any pattern."""
+    patterns = [re.compile(p) for p in no_decay_patterns]
+
+    def decays(path, leaf):
+        name = _path_str(path)
+        return leaf.ndim > 1 and not any(p.search(name) for p in patterns)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim_config, params, total_steps: int, warmup_steps: int):
+    """Returns (optax transformation, learning-rate schedule)."""
+    schedule = make_schedule(optim_config, total_steps, warmup_steps)
+    mask = weight_decay_mask(params, optim_config.no_decay)
+    name = optim_config.name
+    if name == "adamw":
+        opt = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                          weight_decay=optim_config.weight_decay, mask=mask)
+    elif name == "lamb":
+        opt = optax.lamb(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                         weight_decay=optim_config.weight_decay, mask=mask)
+    else:
+        raise ConfigError(f"unknown optim.name {name!r}; choose 'adamw' or 'lamb'")
+    chain = [opt]
+    if optim_config.clip_norm:
+        chain.insert(0, optax.clip_by_global_norm(optim_config.clip_norm))
+    return optax.chain(*chain), schedule

@@ -1,0 +1,189 @@
+"""EfficientNet tower: parameter counts (vs Keras), shapes, batch stats, drop-connect, learning."""
+
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from big_contrast.models import efficientnet
+from big_contrast.models.efficientnet import EfficientNet
+
+# Keras EfficientNetB*(include_top=True) totals; without the 7 statistics of its input
+# Normalization layer and its 1000-way classifier (head_channels * 1000 + 1000) they are the
+# backbone's params + batch_stats. B0: 5,330,571 -> 4,049,564, of which 4,007,548 trainable.
+KERAS_TOTALS = {"B3": 12_320_535, "B7": 66_658_687}
+KERAS_B0_TRAINABLE_NO_TOP = 4_007_548  # conv kernels, SE biases, BN scale and bias
+TINY_HEAD = efficientnet.round_filters(efficientnet.HEAD_CHANNELS, 0.25)
+
+# Compile time dominates on CPU: 'rbg' keys compile faster than threefry (the model does not
+# care which), and these per-function XLA options cut compile time ~4x at no cost to the steps.
+KEY = jax.random.key(0, impl="rbg")
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                    "xla_cpu_use_fusion_emitters": False})
+
+
+def _shapes(variant, size):
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
+    return jax.eval_shape(lambda x: EfficientNet(variant).init(KEY, x), images)
+
+
+def _count(tree):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def _images(batch, seed=0):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, 256, (batch, 32, 32, 3), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = EfficientNet("tiny")
+    variables = _jit(model.init)(KEY, _images(4))
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def apply_train():
+    def apply(model, variables, images, rng):
+        return model.apply(variables, images, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": rng})
+    return _jit(apply, static_argnums=0)
+
+
+def test_b0_matches_keras_without_top():
+    shapes = _shapes("B0", 224)
+    assert _count(shapes["params"]) == KERAS_B0_TRAINABLE_NO_TOP
+    assert _count(shapes["batch_stats"]) == 42_016  # running mean + var of every BN
+    assert _count(shapes) == 4_049_564
+    # ~5.3M of the paper = backbone + 1280 x 1000 classifier.
+    assert abs(_count(shapes["params"]) + 1280 * 1000 + 1000 - 5.3e6) / 5.3e6 < 0.01
+
+
+@pytest.mark.parametrize("variant", ["B3", "B7"])
+def test_scaled_variants_match_keras(variant):
+    head = efficientnet.round_filters(efficientnet.HEAD_CHANNELS,
+                                      efficientnet.VARIANTS[variant].width)
+    expected = KERAS_TOTALS[variant] - 7 - (head * 1000 + 1000)
+    assert _count(_shapes(variant, 32)) == expected  # counts do not depend on resolution
+
+
+def test_l2_size():
+    params = _count(_shapes("L2", 64)["params"])
+    assert 400e6 < params < 520e6  # Noisy Student: ~480M with its 5504 x 1000 classifier
+    assert efficientnet.resolution("L2") == 800
+    assert efficientnet.resolution("B0") == 224
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown EfficientNet variant"):
+        efficientnet.resolution("B9")
+
+
+def test_params_are_replicated_logically():
+    shapes = _shapes("B0", 32)
+    boxed = jax.tree.leaves(shapes["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert boxed and all(isinstance(p, nn.Partitioned) for p in boxed)
+    assert all(set(p.names) == {None} and len(p.names) == p.value.ndim for p in boxed)
+    specs = jax.tree.leaves(nn.get_partition_spec(shapes["params"]))
+    assert len(specs) == len(boxed)
+
+
+def test_tiny_forward_and_batch_stats(tiny, apply_train):
+    model, variables = tiny
+    images = _images(4)
+    assert variables["params"]["stem_conv"]["kernel"].value.shape == (3, 3, 3, 8)
+
+    apply_eval = _jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))
+    (pooled, tokens), stats = apply_eval(variables, images)
+    assert pooled.shape == (4, TINY_HEAD)
+    assert tokens.shape == (4, 1, TINY_HEAD)  # total stride 32: a 32x32 image is one token
+    assert np.all(np.isfinite(pooled)) and np.all(np.isfinite(tokens))
+    np.testing.assert_allclose(tokens.mean(axis=1), pooled, rtol=1e-6)
+    (again, _), _ = apply_eval(variables, images)
+    np.testing.assert_array_equal(again, pooled)
+    jax.tree.map(np.testing.assert_array_equal, stats, {"batch_stats": variables["batch_stats"]})
+
+    (train_pooled, _), stats = apply_train(model, variables, images, KEY)
+    assert np.all(np.isfinite(train_pooled))
+    moved = jax.tree.map(lambda new, old: np.abs(new - old).max() > 0,
+                         stats["batch_stats"], variables["batch_stats"])
+    assert all(jax.tree.leaves(moved)), moved  # every running mean and variance
+    # Momentum 0.99: the stem's statistics move 1% of the way to the batch's.
+    kernel = variables["params"]["stem_conv"]["kernel"].value
+    stem = jax.lax.conv_general_dilated(
+        images.astype(jnp.float32) / 127.5 - 1.0, kernel, (2, 2), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    new = stats["batch_stats"]["stem_bn"]
+    np.testing.assert_allclose(new["mean"], 0.01 * stem.mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(new["var"], 0.99 + 0.01 * stem.var(axis=(0, 1, 2)), atol=1e-5)
+
+
+def test_drop_connect(tiny, apply_train):
+    model, variables = tiny
+    images = _images(4)
+    rng_a, rng_b = jax.random.split(jax.random.key(1, impl="rbg"))
+    (a, _), _ = apply_train(model, variables, images, rng_a)
+    (a_again, _), _ = apply_train(model, variables, images, rng_a)
+    (b, _), _ = apply_train(model, variables, images, rng_b)
+    np.testing.assert_array_equal(a, a_again)
+    assert np.abs(a - b).max() > 1e-4
+
+    no_drop = EfficientNet("tiny", drop_connect_rate=0.0)
+    (a, _), _ = apply_train(no_drop, variables, images, rng_a)
+    (b, _), _ = apply_train(no_drop, variables, images, rng_b)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_remat_matches(tiny, apply_train):
+    model, variables = tiny
+    images = _images(4)
+    (plain, _), plain_stats = apply_train(model, variables, images, KEY)
+    (rematted, _), remat_stats = apply_train(EfficientNet("tiny", remat=True), variables,
+                                             images, KEY)
+    np.testing.assert_allclose(rematted, plain, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 remat_stats, plain_stats)
+
+
+def test_learns_red_vs_blue(tiny):
+    model, variables = tiny
+    red = np.zeros((4, 32, 32, 3), np.uint8)
+    red[..., 0] = 255
+    blue = np.zeros((4, 32, 32, 3), np.uint8)
+    blue[..., 2] = 255
+    images = jnp.asarray(np.concatenate([red, blue]))
+    labels = jnp.array([0] * 4 + [1] * 4)
+
+    params = {"tower": variables["params"],
+              "head": {"w": jnp.zeros((TINY_HEAD, 2)), "b": jnp.zeros((2,))}}
+    optimizer = optax.adam(1e-2)
+
+    @_jit
+    def step(params, batch_stats, opt_state, rng):
+        def loss_fn(params):
+            (pooled, _), new_vars = model.apply(
+                {"params": params["tower"], "batch_stats": batch_stats}, images, train=True,
+                mutable=["batch_stats"], rngs={"dropout": rng})
+            logits = pooled @ params["head"]["w"] + params["head"]["b"]
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, new_vars["batch_stats"]
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    batch_stats, opt_state = variables["batch_stats"], optimizer.init(params)
+    losses, seconds = [], []
+    for rng in jax.random.split(jax.random.key(2, impl="rbg"), 30):
+        start = time.perf_counter()
+        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, rng)
+        losses.append(float(loss))
+        seconds.append(time.perf_counter() - start)
+    assert losses[0] == pytest.approx(np.log(2), abs=1e-5)  # zero-initialised head
+    assert losses[-1] < 0.5 * losses[0], losses
+    # Forward + backward + Adam on 8 32x32 images, once compiled.
+    assert np.median(seconds[1:]) < 1.0, seconds

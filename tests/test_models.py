@@ -1,0 +1,147 @@
+"""Towers and the two-tower model: sizes by name, pooling semantics, logical axis names,
+normalised embeddings, CLIP's temperature initialisation and clamp."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_contrast.models import transformer, two_tower
+from big_contrast.models.text import TextTransformer
+from big_contrast.models.vit import ViT
+
+
+def _count(tree):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _shapes(module, *inputs):
+    return nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))["params"]
+
+
+def test_vit_b32_parameter_count_matches_clip():
+    # CLIP ViT-B/32's visual tower without its final projection: 87,456,000 weights
+    # (conv1 2,359,296 + class 768 + positions 50x768 + 12 blocks of 7,087,872 + 2 LayerNorms),
+    # plus the patch-embedding bias ours has and CLIP's does not.
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
+    params = _shapes(ViT("B/32", pool="cls"), images)
+    assert _count(params) == 87_456_000 + 768
+
+
+def test_text_tower_matches_clip_b32_text_transformer():
+    # CLIP's text transformer (width 512, 12 layers, 8 heads, 77 tokens, 49,408 tokens):
+    # 37,828,608 weights before its projection.
+    tokens = jax.ShapeDtypeStruct((1, 77), jnp.int32)
+    params = _shapes(TextTransformer("M", vocab_size=49_408), tokens)
+    assert _count(params) == 37_828_608
+
+
+@pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/16", "L/14", "H/14", "g/14", "So400m/14"])
+def test_standard_vit_sizes_build(variant):
+    size, patch = transformer.parse_variant(variant)
+    params = _shapes(ViT(variant), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8))
+    blocks = [k for k in params["encoder"] if k.startswith("block_")]
+    assert len(blocks) == size.depth and patch in (14, 16)
+    assert params["posemb"].shape == (1, (224 // patch) ** 2 + 1, size.width)
+
+
+def test_bad_variants_are_named():
+    with pytest.raises(ValueError, match="unknown transformer variant"):
+        transformer.parse_variant("Q/16")
+    with pytest.raises(ValueError, match="patch"):
+        ViT("B").init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_conv_stem_reaches_the_same_token_grid():
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    model = ViT("mu/8", pool="gap", stem="conv")
+    variables = model.init(jax.random.key(0), images)
+    pooled, tokens = model.apply(variables, images)
+    assert pooled.shape == (2, 32) and tokens.shape == (2, 16, 32)
+    names = nn.unbox(variables)["params"]
+    assert {"stem_conv0", "stem_conv3", "stem_proj"} <= set(names)
+
+
+def _text_inputs():
+    tokens = np.zeros((2, 8), np.int32)
+    tokens[0, :4] = [1, 10, 11, 2]  # BOS a b EOS PAD...
+    tokens[1, :6] = [1, 12, 13, 14, 15, 2]
+    return tokens
+
+
+def test_causal_eos_pooling_ignores_padding_and_reads_the_eos_token():
+    model = TextTransformer("mu", vocab_size=32, causal=True, pool="eos")
+    tokens = _text_inputs()
+    variables = model.init(jax.random.key(0), tokens)
+    pooled, out = model.apply(variables, tokens)
+    np.testing.assert_allclose(pooled[0], out[0, 3], rtol=1e-6)
+    np.testing.assert_allclose(pooled[1], out[1, 5], rtol=1e-6)
+    garbage = tokens.copy()
+    garbage[0, 4:] = 7  # whatever follows EOS cannot reach it through a causal mask
+    np.testing.assert_allclose(model.apply(variables, garbage)[0][0], pooled[0], rtol=1e-6)
+
+
+def test_bidirectional_first_pooling_masks_padding():
+    model = TextTransformer("mu", vocab_size=32, causal=False, pool="first")
+    tokens = _text_inputs()
+    variables = model.init(jax.random.key(0), tokens)
+    pooled, out = model.apply(variables, tokens)
+    np.testing.assert_allclose(pooled, out[:, 0], rtol=1e-6)
+    longer = np.concatenate([tokens, np.zeros((2, 4), np.int32)], axis=1)
+    longer_model = TextTransformer("mu", vocab_size=32, causal=False, pool="first")
+    params = longer_model.init(jax.random.key(0), longer)
+    params["params"]["posemb"] = nn.Partitioned(
+        jnp.concatenate([variables["params"]["posemb"].value,
+                         jnp.zeros((1, 4, 32))], axis=1), (None, None, "embed"))
+    for k in variables["params"]:
+        if k != "posemb":
+            params["params"][k] = variables["params"][k]
+    # Extra padding is masked out, so the [CLS] output does not change.
+    np.testing.assert_allclose(longer_model.apply(params, longer)[0], pooled, atol=1e-5)
+
+
+def test_every_transformer_parameter_has_logical_names():
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    boxed = jax.eval_shape(TextTransformer("mu", vocab_size=64).init, jax.random.key(0), tokens)
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    names = {n for x in leaves for n in x.names if n}
+    assert {"embed", "mlp", "heads", "kv", "vocab"} <= names
+
+
+def _two_tower(**kwargs):
+    return two_tower.TwoTower(ViT("mu/8", pool="gap"), TextTransformer("mu", vocab_size=64),
+                              embed_dim=16, **kwargs)
+
+
+def test_two_tower_outputs_unit_vectors_and_clip_scale():
+    model = _two_tower()
+    images, tokens = np.zeros((3, 32, 32, 3), np.uint8), _text_inputs()[:1].repeat(3, 0)
+    variables = model.init(jax.random.key(0), images, tokens)
+    log_scale = variables["params"]["log_scale"]
+    log_scale = log_scale.value if isinstance(log_scale, nn.Partitioned) else log_scale
+    assert log_scale.dtype == jnp.float32 and not getattr(log_scale, "weak_type", False)
+    np.testing.assert_allclose(float(log_scale), math.log(1 / 0.07), rtol=1e-6)
+    out = model.apply(variables, images, tokens)
+    for key in ("image", "text"):
+        np.testing.assert_allclose(np.linalg.norm(out[key], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(float(out["scale"]), 1 / 0.07, rtol=1e-5)
+    only_text = model.apply(variables, None, tokens)
+    assert "image" not in only_text and only_text["text"].shape == (3, 16)
+
+
+def test_clamp_keeps_scale_between_1_and_max():
+    params = {"log_scale": jnp.float32(7.0), "other": jnp.ones(2)}
+    clamped = two_tower.clamp_log_scale(params, 100.0)
+    np.testing.assert_allclose(float(jnp.exp(clamped["log_scale"])), 100.0, rtol=1e-6)
+    assert float(two_tower.clamp_log_scale({"log_scale": jnp.float32(-1.0)}, 100.0)["log_scale"]) == 0.0
+    assert two_tower.clamp_log_scale({"w": 1}, 100.0) == {"w": 1}
+
+
+def test_fixed_temperature_has_no_parameter():
+    model = _two_tower(learn_scale=False, init_scale=10.0)
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.uint8), _text_inputs()[:1])
+    assert "log_scale" not in variables["params"]

@@ -1,0 +1,116 @@
+"""The embedded world: deterministic per (seed, split, index), held-out pairings never in
+train, captions that vary and agree with the labels."""
+
+import re
+
+import numpy as np
+import pytest
+
+from big_contrast.data import synthetic
+from big_contrast.data.synthetic import SyntheticWorld
+
+
+def test_world_has_enough_attributes():
+    assert len(synthetic.SHAPES) >= 8 and len(synthetic.COLOURS) >= 8
+    assert len(synthetic.SIZES) >= 3 and len(synthetic.POSITIONS) == 9
+    assert len(synthetic.BACKGROUNDS) >= 4
+
+
+def test_records_are_deterministic_and_differ_between_indices_seeds_splits():
+    a, b = SyntheticWorld("train", seed=3), SyntheticWorld("train", seed=3)
+    for i in (0, 17, 123_456):
+        ra, rb = a[i], b[i]
+        np.testing.assert_array_equal(ra["image"], rb["image"])
+        assert ra["caption"] == rb["caption"]
+    assert not np.array_equal(a[0]["image"], a[1]["image"])
+    assert not np.array_equal(a[5]["image"], SyntheticWorld("train", seed=4)[5]["image"])
+    assert not np.array_equal(a[5]["image"], SyntheticWorld("val", seed=3)[5]["image"])
+
+
+def test_any_length_and_bounds():
+    world = SyntheticWorld("val", num_records=10**12)
+    assert len(world) == 10**12
+    assert world[10**12 - 1]["image"].shape == (32, 32, 3)
+    with pytest.raises(IndexError):
+        world[10**12]
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_image_size_is_configurable(size):
+    image = SyntheticWorld("train", image_size=size)[0]["image"]
+    assert image.shape == (size, size, 3) and image.dtype == np.uint8
+
+
+def test_heldout_combinations_never_appear_in_train_or_val():
+    heldout = set(synthetic.HELDOUT_COMBOS)
+    assert len(heldout) == len(synthetic.SHAPES)
+    assert len({s for s, _ in heldout}) == len({c for _, c in heldout}) == 8  # one per shape/colour
+    for split in ("train", "val"):
+        world = SyntheticWorld(split)
+        for i in range(1500):
+            r = world[i]
+            assert (int(r["shape"]), int(r["colour"])) not in heldout
+            if r["num_objects"] == 2:
+                assert (int(r["shape_2"]), int(r["colour_2"])) not in heldout
+
+
+def test_heldout_split_shows_only_heldout_combinations_in_colour():
+    heldout = set(synthetic.HELDOUT_COMBOS)
+    world = SyntheticWorld("heldout_combos")
+    records = [world[i] for i in range(300)]
+    assert all((int(r["shape"]), int(r["colour"])) in heldout for r in records)
+    assert all(r["num_objects"] == 1 and r["grey"] == 0 for r in records)
+    assert {int(r["shape"]) for r in records} == set(range(8))
+
+
+def _words(options):
+    return {w for phrase in options for w in phrase.split()}
+
+
+def test_captions_agree_with_labels():
+    world = SyntheticWorld("train")
+    for i in range(400):
+        r = world[i]
+        words = set(re.findall(r"[a-z-]+", r["caption"]))
+        shape_words = _words(synthetic._SHAPE_WORDS[synthetic.SHAPES[r["shape"]]])
+        other_shapes = set().union(*(_words(synthetic._SHAPE_WORDS[s]) for s in synthetic.SHAPES
+                                     if s not in (synthetic.SHAPES[r["shape"]],
+                                                  synthetic.SHAPES[r["shape_2"]])))
+        colour_words = {w for c in synthetic.COLOURS for w in synthetic._COLOUR_WORDS[c]}
+        mentioned_colours = words & colour_words
+        true_colours = _words(synthetic._COLOUR_WORDS[synthetic.COLOURS[r["colour"]]])
+        if r["colour_2"] >= 0:
+            true_colours |= _words(synthetic._COLOUR_WORDS[synthetic.COLOURS[r["colour_2"]]])
+        assert mentioned_colours <= true_colours, (r["caption"], r["colour"])
+        assert not (words & other_shapes - shape_words - {"circle", "shape"}), r["caption"]
+        if r["grey"]:
+            assert not mentioned_colours and np.ptp(r["image"].astype(int), axis=-1).max() == 0
+
+
+def test_captions_vary():
+    world = SyntheticWorld("train")
+    captions = [world[i]["caption"] for i in range(1000)]
+    assert len(set(captions)) > 900
+    openings = {" ".join(c.split()[:2]) for c in captions}
+    assert len(openings) > 20  # several templates and word orders
+    lengths = [len(c.split()) for c in captions]
+    assert min(lengths) <= 3 and max(lengths) >= 12
+
+
+def test_two_object_images_and_backgrounds_occur():
+    world = SyntheticWorld("train")
+    records = [world[i] for i in range(600)]
+    two = np.mean([r["num_objects"] == 2 for r in records])
+    assert 0.2 < two < 0.4
+    assert {int(r["background"]) for r in records} == set(range(len(synthetic.BACKGROUNDS)))
+    # Textured backgrounds really are textured: the plain ones are the flattest.
+    std = {b: [] for b in range(len(synthetic.BACKGROUNDS))}
+    for r in records:
+        std[int(r["background"])].append(r["image"][:4, :4].std())
+    plain = synthetic.BACKGROUNDS.index("plain")
+    assert np.median(std[plain]) < min(np.median(v) for b, v in std.items() if b != plain)
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(ValueError, match="heldout_combos"):
+        SyntheticWorld("test")
