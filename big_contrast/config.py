@@ -207,6 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.image = ml_collections.ConfigDict(
         {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "remat": False})
+    # stem: for a vit, patch | conv; for a convnet, none | space_to_depth.
     c.model.text = ml_collections.ConfigDict(
         {"variant": "M", "causal": True, "pool": "eos", "remat": False})
     c.model.embed_dim = 512

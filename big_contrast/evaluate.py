@@ -39,18 +39,21 @@ def evaluate(config, workdir: str, step: int | None = None, devices=None) -> dic
     return {"step": step, **results}
 
 
-_CONFIG = cli.define_flags("The training workdir holding checkpoints/.")
-flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
-
-
 def main():
-    try:
-        results = evaluate(_CONFIG.value, cli.FLAGS.workdir, cli.FLAGS.step)
-    except (config_lib.ConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    step = results.pop("step")
-    print(metrics.summary_table(f"Evaluation of {cli.FLAGS.workdir} at step {step}", results))
+    """Command line: flags are defined here, not at import, so modules import side-effect free."""
+    config_flag = cli.define_flags("The training workdir holding checkpoints/.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
+
+    def run():
+        try:
+            results = evaluate(config_flag.value, cli.FLAGS.workdir, cli.FLAGS.step)
+        except (config_lib.ConfigError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        step = results.pop("step")
+        print(metrics.summary_table(f"Evaluation of {cli.FLAGS.workdir} at step {step}", results))
+
+    cli.run(run)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    main()

@@ -146,15 +146,18 @@ def train(config, workdir: str, devices=None) -> dict:
     return summary
 
 
-_CONFIG = cli.define_flags("Checkpoints, metrics and TensorBoard events go here.")
-
-
 def main():
-    try:
-        train(_CONFIG.value, cli.FLAGS.workdir)
-    except (config_lib.ConfigError, NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+    """Command line: flags are defined here, not at import, so modules import side-effect free."""
+    config_flag = cli.define_flags("Checkpoints, metrics and TensorBoard events go here.")
+
+    def run():
+        try:
+            train(config_flag.value, cli.FLAGS.workdir)
+        except (config_lib.ConfigError, NonFiniteLossError) as e:
+            sys.exit(f"error: {e}")
+
+    cli.run(run)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    main()

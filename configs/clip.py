@@ -28,15 +28,17 @@ def get_config(arg=None):
 
 def _demo(c):
     c.batch_size = 128
-    c.total_steps = 700
+    c.total_steps = 800
     c.log_every = 50
     c.checkpoint_every = 200
-    c.optim.lr = 2e-3
+    c.optim.lr = 4e-3
     c.optim.weight_decay = 0.1
-    c.optim.warmup_steps = 35
-    c.model.image.variant = "nano/8"
-    c.model.image.pool = "gap"
-    c.model.text.variant = "nano"
+    c.optim.warmup_steps = 40
+    c.model.image.type = "convnet"
+    c.model.image.variant = "16,32,64"
+    c.model.image.stem = "none"
+    c.model.text.variant = "bow"
+    c.model.text.pool = "mean"
     c.model.embed_dim = 128
     c.text.tokenizer = "words"
     c.text.max_len = 24

@@ -1,7 +1,6 @@
 """EfficientNet tower: parameter counts (vs Keras), shapes, batch stats, drop-connect, learning."""
 
 import functools
-import time
 
 import flax.linen as nn
 import jax
@@ -177,13 +176,9 @@ def test_learns_red_vs_blue(tiny):
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     batch_stats, opt_state = variables["batch_stats"], optimizer.init(params)
-    losses, seconds = [], []
+    losses = []
     for rng in jax.random.split(jax.random.key(2, impl="rbg"), 30):
-        start = time.perf_counter()
         params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, rng)
         losses.append(float(loss))
-        seconds.append(time.perf_counter() - start)
     assert losses[0] == pytest.approx(np.log(2), abs=1e-5)  # zero-initialised head
     assert losses[-1] < 0.5 * losses[0], losses
-    # Forward + backward + Adam on 8 32x32 images, once compiled.
-    assert np.median(seconds[1:]) < 1.0, seconds

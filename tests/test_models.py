@@ -32,11 +32,12 @@ def test_vit_b32_parameter_count_matches_clip():
 
 
 def test_text_tower_matches_clip_b32_text_transformer():
-    # CLIP's text transformer (width 512, 12 layers, 8 heads, 77 tokens, 49,408 tokens):
-    # 37,828,608 weights before its projection.
+    # CLIP's text side before its projection (width 512, 12 layers, 8 heads, 77 positions,
+    # 49,408 tokens): 12 blocks of 3,152,384 + token and position embeddings + final LayerNorm.
     tokens = jax.ShapeDtypeStruct((1, 77), jnp.int32)
     params = _shapes(TextTransformer("M", vocab_size=49_408), tokens)
-    assert _count(params) == 37_828_608
+    assert _count(params["encoder"]) == 12 * 3_152_384
+    assert _count(params) == 12 * 3_152_384 + 49_408 * 512 + 77 * 512 + 2 * 512
 
 
 @pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/16", "L/14", "H/14", "g/14", "So400m/14"])
@@ -145,3 +146,26 @@ def test_fixed_temperature_has_no_parameter():
     model = _two_tower(learn_scale=False, init_scale=10.0)
     variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.uint8), _text_inputs()[:1])
     assert "log_scale" not in variables["params"]
+
+
+def test_convnet_matches_a_reference_network():
+    from big_contrast.models.convnet import ConvNet
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    model = ConvNet("4,6", coord_channels=False)
+    variables = model.init(jax.random.key(0), images)
+    pooled, tokens = model.apply(variables, images)
+    assert pooled.shape == (2, 6) and tokens.shape == (2, 16, 6)
+    # The same network written with lax.conv and reduce-window max-pooling.
+    p = variables["params"]
+    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    for stage, layers in enumerate([("stage0_conv0", "stage0_conv1"), ("stage1_conv0", "stage1_conv1")]):
+        if stage:
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        for name in layers:
+            kernel = p[name]["kernel"].value
+            x = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x = jax.nn.relu(x + p[name]["bias"].value)
+    np.testing.assert_allclose(tokens, x.reshape(2, -1, 6), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="stage widths"):
+        ConvNet("16,x").init(jax.random.key(0), images)

@@ -33,14 +33,9 @@ HELDOUT_COMBOS = tuple((s, (3 * s + 1) % len(COLOURS)) for s in range(len(SHAPES
 
 SPLITS = {"train": 0, "val": 1, "heldout_combos": 2}
 
-# Prompt templates for zero-shot classification of this world's label fields.
-PROMPT_TEMPLATES = (
-    "a {}.",
-    "a picture of a {}.",
-    "there is a {} in the image.",
-    "an image showing a {}.",
-    "a {} shape.",
-)
+# Prompt templates for zero-shot classification of this world's label fields, phrased the way
+# captions are (a model trained on this world has never seen other wording).
+PROMPT_TEMPLATES = ("a {}", "there is a {}", "a picture of a {}")
 CLASS_NAMES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
 
 _RGB = np.array([

@@ -10,12 +10,14 @@ from big_contrast.evaluators import common
 def recall_at_k(similarity: np.ndarray, ks=(1, 5, 10)) -> dict:
     """similarity[i, j] = score of query i against item j; item i is query i's match.
 
-    The rank of the match counts the items scoring strictly higher, so ties go in its favour
-    only if they are exact.
+    Ties are broken uniformly at random, in expectation: with h items scoring higher than the
+    match and t others scoring the same, the match's rank is h + U{0..t}. So duplicate
+    captions or a collapsed model (all scores equal) score chance, k/N, and never 0 or 1.
     """
     matched = np.diag(similarity)[:, None]
-    rank = (similarity > matched).sum(axis=1)
-    return {k: float(np.mean(rank < k)) for k in ks}
+    higher = (similarity > matched).sum(axis=1)
+    ties = (similarity == matched).sum(axis=1) - 1  # other items tied with the match
+    return {k: float(np.mean(np.clip(k - higher, 0, ties + 1) / (ties + 1))) for k in ks}
 
 
 class Retrieval:

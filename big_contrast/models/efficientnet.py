@@ -17,29 +17,24 @@ from big_contrast.models.vit import pixels_to_unit_range
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
-    """Compound-scaling coefficients of one variant.
-
-    dropout is the reference classifier's rate before its final dense layer; this tower has no
-    classifier, so it is there for whatever head a config puts on top.
-    """
+    """Compound-scaling coefficients of one variant and its native input resolution."""
 
     width: float
     depth: float
     resolution: int
-    dropout: float
 
 
 VARIANTS = {
-    "tiny": Scaling(0.25, 0.34, 32, 0.0),
-    "B0": Scaling(1.0, 1.0, 224, 0.2),
-    "B1": Scaling(1.0, 1.1, 240, 0.2),
-    "B2": Scaling(1.1, 1.2, 260, 0.3),
-    "B3": Scaling(1.2, 1.4, 300, 0.3),
-    "B4": Scaling(1.4, 1.8, 380, 0.4),
-    "B5": Scaling(1.6, 2.2, 456, 0.4),
-    "B6": Scaling(1.8, 2.6, 528, 0.5),
-    "B7": Scaling(2.0, 3.1, 600, 0.5),
-    "L2": Scaling(4.3, 5.3, 800, 0.5),
+    "tiny": Scaling(0.25, 0.34, 32),
+    "B0": Scaling(1.0, 1.0, 224),
+    "B1": Scaling(1.0, 1.1, 240),
+    "B2": Scaling(1.1, 1.2, 260),
+    "B3": Scaling(1.2, 1.4, 300),
+    "B4": Scaling(1.4, 1.8, 380),
+    "B5": Scaling(1.6, 2.2, 456),
+    "B6": Scaling(1.8, 2.6, 528),
+    "B7": Scaling(2.0, 3.1, 600),
+    "L2": Scaling(4.3, 5.3, 800),
 }
 
 # B0 stages: (expand ratio, output channels, repeats, first stride, kernel size).

@@ -25,17 +25,13 @@ class TransformerSize:
 
 # Standard sizes by name (ViT paper plus big_vision's So400m / g / G), and tiny CPU sizes.
 SIZES = {
+    # Depth 0: token + position embeddings and a LayerNorm; with 'mean' pooling a text tower
+    # of this size is a positioned bag of words, the fastest-learning text tower on a CPU.
+    "bow": TransformerSize(128, 0, 512, 4),
     "mu": TransformerSize(32, 1, 128, 2),
     "pico": TransformerSize(64, 2, 256, 2),
     "nano": TransformerSize(128, 4, 512, 4),
     "micro": TransformerSize(192, 4, 768, 6),
-    "x128d2": TransformerSize(128, 2, 512, 4),  # EXPERIMENT
-    "x128d0": TransformerSize(128, 0, 512, 4),  # EXPERIMENT
-    "x128d1": TransformerSize(128, 1, 512, 4),  # EXPERIMENT
-    "x96d2": TransformerSize(96, 2, 384, 4),  # EXPERIMENT
-    "x160d4": TransformerSize(160, 4, 640, 4),  # EXPERIMENT
-    "x128d6": TransformerSize(128, 6, 512, 4),  # EXPERIMENT
-    "x192d4": TransformerSize(192, 4, 768, 6),  # EXPERIMENT
     "Ti": TransformerSize(192, 12, 768, 3),
     "S": TransformerSize(384, 12, 1536, 6),
     "M": TransformerSize(512, 12, 2048, 8),

@@ -10,21 +10,21 @@ import jax
 import jax.numpy as jnp
 
 from big_contrast.models import heads
+from big_contrast.models.convnet import ConvNet
 from big_contrast.models.efficientnet import EfficientNet
 from big_contrast.models.text import TextTransformer
 from big_contrast.models.vit import ViT
 
 
 def build_image_tower(cfg) -> nn.Module:
-    """cfg: {type: 'vit' | 'efficientnet', variant, pool and stem (vit only), remat}."""
+    """cfg: {type: 'vit' | 'convnet' | 'efficientnet', variant, pool and stem (vit only), remat}."""
     if cfg.type == "vit":
         return ViT(cfg.variant, pool=cfg.pool, stem=cfg.stem, remat=cfg.remat)
-    if cfg.type == "cnn":
-        from big_contrast.models.cnn import CNN
-        return CNN(cfg.variant)
+    if cfg.type == "convnet":
+        return ConvNet(cfg.variant, stem=cfg.stem)
     if cfg.type == "efficientnet":
         return EfficientNet(cfg.variant, remat=cfg.remat)
-    raise ValueError(f"unknown image tower {cfg.type!r}; choose 'vit' or 'efficientnet'")
+    raise ValueError(f"unknown image tower {cfg.type!r}; choose 'vit', 'convnet' or 'efficientnet'")
 
 
 def build_text_tower(cfg, vocab_size: int, eos_id: int) -> nn.Module:

@@ -1,0 +1,82 @@
+"""ALIGN (Jia et al. 2021): EfficientNet image tower + bidirectional BERT-style text tower with
+[CLS] pooling, softmax InfoNCE with a learned temperature, LAMB.
+
+Variants (the text after ':' in --config):
+  demo  a tiny ALIGN on the embedded synthetic world (EfficientNet 'tiny', 2-layer
+        bidirectional text encoder); runs on a 2-core CPU in a few minutes.
+  L2    the paper recipe: EfficientNet-L2 at 289 px, BERT-Large text (64 tokens, [CLS] pooled,
+        linear projection to 640-d), global batch 16,384, LAMB (lr 1e-3, weight decay 1e-5),
+        10k warmup steps then linear decay to 0 at 1.2M steps. Point data.* at your pairs and
+        text.* at a 100k-piece tokenizer model.
+Options after the variant: e.g. 'demo,bs=64'.
+"""
+
+from big_contrast import config as bc
+
+
+def get_config(arg=None):
+    arg = bc.parse_arg(arg, variant="demo", bs=0)
+    c = bc.base_config()
+    c.objective = "contrastive"
+    c.model.text.causal = False  # BERT-style: every token sees the whole caption
+    c.model.text.pool = "first"  # the [CLS] position (our tokenizers put BOS there)
+    c.optim.name = "lamb"
+    c.optim.decay = "linear"
+    c.optim.b2 = 0.999
+    c.optim.no_decay = ["log_scale"]
+    if arg.variant == "demo":
+        _demo(c)
+    elif arg.variant == "L2":
+        _paper_l2(c)
+    else:
+        raise bc.ConfigError(f"unknown align variant {arg.variant!r}; choose 'demo' or 'L2'")
+    if arg.bs:
+        c.batch_size = arg.bs
+    return c
+
+
+def _demo(c):
+    c.batch_size = 128
+    c.total_steps = 300
+    c.log_every = 50
+    c.checkpoint_every = 100
+    c.optim.lr = 4e-3
+    c.optim.weight_decay = 1e-4
+    c.optim.warmup_steps = 30
+    c.model.image.type = "efficientnet"
+    c.model.image.variant = "tiny"
+    c.model.text.variant = "pico"
+    c.model.embed_dim = 128
+    c.text.tokenizer = "words"
+    c.text.max_len = 24
+    c.text.vocab_size = 4096
+    c.data.image_size = 32
+    c.evals.zeroshot_val = dict(type="zero_shot", every=0, split="val", label_key="shape",
+                                num_examples=1000, where={"num_objects": 1})
+    c.evals.retrieval_val = dict(type="retrieval", every=0, split="val", num_examples=1000)
+
+
+def _paper_l2(c):
+    c.batch_size = 16_384
+    c.total_steps = 1_200_000
+    c.log_every = 100
+    c.checkpoint_every = 5_000
+    c.optim.lr = 1e-3
+    c.optim.weight_decay = 1e-5
+    c.optim.warmup_steps = 10_000
+    c.model.image.type = "efficientnet"
+    c.model.image.variant = "L2"
+    c.model.image.remat = True
+    c.model.text.variant = "L"  # BERT-Large: 1024 wide, 24 layers, 16 heads
+    c.model.text.remat = True
+    c.model.embed_dim = 640
+    c.text.tokenizer = "sentencepiece"
+    c.text.max_len = 64
+    c.text.vocab_size = 100_000
+    c.data.source = "array_record"
+    c.data.path = "/data/image_text/{split}.array_record-*"
+    c.data.image_size = 289
+    c.data.num_workers = 16
+    c.data.augment.crop_scale = (0.08, 1.0)  # random resized crop
+    c.data.augment.flip = True
+    c.evals.retrieval_val = dict(type="retrieval", every=10_000, split="val", num_examples=5_000)

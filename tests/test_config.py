@@ -1,0 +1,75 @@
+"""Config plumbing: config-string arguments, typed overrides, strict keys with suggestions,
+duration units, and the command line's error for a misspelt --config key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from big_contrast import config as bc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_arg_binds_the_bare_value_to_the_first_key_and_types_the_rest():
+    arg = bc.parse_arg("B/32,bs=4096,res=224.5", variant="demo", bs=0, res=0.0)
+    assert (arg.variant, arg.bs, arg.res) == ("B/32", 4096, 224.5)
+    with pytest.raises(bc.ConfigError, match="did you mean 'bs'"):
+        bc.parse_arg("demo,bss=3", variant="demo", bs=0)
+
+
+def test_overrides_are_typed_and_unknown_keys_name_the_closest_one():
+    config = bc.load_config_file(os.path.join(REPO, "configs/clip.py:demo"))
+    bc.apply_overrides(config, {"optim.lr": "1e-3", "total_steps": "12", "tensorboard": "false",
+                                "data.augment.crop_scale": "(0.5, 1.0)"})
+    assert config.optim.lr == 1e-3 and config.total_steps == 12 and config.tensorboard is False
+    assert tuple(config.data.augment.crop_scale) == (0.5, 1.0)
+    with pytest.raises(bc.ConfigError, match="unknown config key 'totl_steps'; did you mean 'total_steps'"):
+        bc.apply_overrides(config, {"totl_steps": "10"})
+    with pytest.raises(bc.ConfigError, match="did you mean 'optim.lr'"):
+        bc.apply_overrides(config, {"optim.lrr": "1"})
+    with pytest.raises(bc.ConfigError, match="cannot set 'total_steps'"):
+        bc.apply_overrides(config, {"total_steps": "ten"})
+
+
+def test_locked_configs_reject_new_keys():
+    config = bc.load_config_file(os.path.join(REPO, "configs/clip.py:demo"))
+    with pytest.raises(AttributeError):
+        config.totl_steps = 10
+
+
+def test_durations_resolve_to_steps():
+    config = bc.base_config()
+    config.batch_size = 100
+    config.total_examples = 1050
+    assert bc.steps_from_duration(config, "total", 100) == 10
+    config.total_examples = None
+    config.total_epochs = 2.0
+    assert bc.steps_from_duration(config, "total", 100, examples_per_epoch=500) == 10
+    with pytest.raises(bc.ConfigError, match="finite training source"):
+        bc.steps_from_duration(config, "total", 100)
+    config.total_steps = 3
+    with pytest.raises(bc.ConfigError, match="set only one of"):
+        bc.steps_from_duration(config, "total", 100, 500)
+
+
+@pytest.mark.parametrize("recipe", ["clip.py:demo", "clip.py:B/32", "align.py:demo", "align.py:L2"])
+def test_recipes_load(recipe):
+    config = bc.load_config_file(os.path.join(REPO, "configs", recipe))
+    assert config.batch_size > 0 and config.optim.lr > 0
+
+
+def test_unknown_variant_is_named():
+    with pytest.raises(bc.ConfigError, match="unknown clip variant 'B/33'"):
+        bc.load_config_file(os.path.join(REPO, "configs/clip.py:B/33"))
+
+
+def test_misspelt_command_line_key_fails_naming_the_valid_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "big_contrast.train", "--config", "configs/clip.py:demo",
+         "--workdir", str(tmp_path / "run"), "--config.totl_steps=10"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "unknown config key 'totl_steps'; did you mean 'total_steps'?" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
