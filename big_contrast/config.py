@@ -206,8 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.image = ml_collections.ConfigDict(
-        {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "remat": False})
-    # stem: for a vit, patch | conv; for a convnet, none | space_to_depth.
+        {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "norm": "batch",
+         "remat": False})
+    # stem: for a vit, patch | conv; for a convnet, none | space_to_depth. norm: convnet only.
     c.model.text = ml_collections.ConfigDict(
         {"variant": "M", "causal": True, "pool": "eos", "remat": False})
     c.model.embed_dim = 512
@@ -236,7 +237,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_key = "image"
     c.data.caption_key = "caption"
     c.data.synthetic = ml_collections.ConfigDict(
-        {"seed": 0, "num_records": 10_000_000, "two_object_prob": 0.3})
+        {"seed": 0, "num_records": 10_000_000, "two_object_prob": 0.3, "grey_prob": 0.15})
     c.data.augment = ml_collections.ConfigDict({"crop_scale": (1.0, 1.0), "flip": False})
 
     c.evals = ml_collections.ConfigDict()

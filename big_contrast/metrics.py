@@ -59,8 +59,8 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Step throughput and ETA measured between logging points (compilation excluded from the
-    rate once the first interval has passed)."""
+    """Step throughput and ETA measured between logging points; the trainer calls ``update``
+    after the first (compiling) step so that compilation never counts as throughput."""
 
     def __init__(self, total_steps: int, batch_size: int, first_step: int = 0):
         self.total_steps = total_steps

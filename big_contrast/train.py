@@ -105,6 +105,11 @@ def train(config, workdir: str, devices=None) -> dict:
             batch, skipped = next(data)
             state, step_metrics = train_step(state, batch)
             step += 1
+            if step == start + 1:  # keep compilation out of the throughput and the ETA
+                jax.block_until_ready(step_metrics)
+                print(f"First step done in {time.perf_counter() - progress.start_time:.1f}s "
+                      "(compilation included)", flush=True)
+                progress.update(step)
             pending.append(step_metrics)
             skipped_total += skipped
             save_now = step % config.checkpoint_every == 0 or step == total_steps or stop.requested

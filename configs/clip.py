@@ -28,14 +28,14 @@ def get_config(arg=None):
 
 def _demo(c):
     c.batch_size = 128
-    c.total_steps = 800
+    c.total_steps = 1000
     c.log_every = 50
-    c.checkpoint_every = 200
+    c.checkpoint_every = 250
     c.optim.lr = 4e-3
     c.optim.weight_decay = 0.1
-    c.optim.warmup_steps = 40
+    c.optim.warmup_steps = 50
     c.model.image.type = "convnet"
-    c.model.image.variant = "16,32,64"
+    c.model.image.variant = "16x1,32,64"
     c.model.image.stem = "none"
     c.model.text.variant = "bow"
     c.model.text.pool = "mean"

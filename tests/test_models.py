@@ -151,7 +151,7 @@ def test_fixed_temperature_has_no_parameter():
 def test_convnet_matches_a_reference_network():
     from big_contrast.models.convnet import ConvNet
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    model = ConvNet("4,6", coord_channels=False)
+    model = ConvNet("4,6", norm="none", coord_channels=False)
     variables = model.init(jax.random.key(0), images)
     pooled, tokens = model.apply(variables, images)
     assert pooled.shape == (2, 6) and tokens.shape == (2, 16, 6)
@@ -169,3 +169,21 @@ def test_convnet_matches_a_reference_network():
     np.testing.assert_allclose(tokens, x.reshape(2, -1, 6), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="stage widths"):
         ConvNet("16,x").init(jax.random.key(0), images)
+    one_conv = nn.unbox(ConvNet("4x1,6").init(jax.random.key(0), images))["params"]
+    assert {k for k in one_conv if k.endswith("conv0") or k.endswith("conv1")} == {
+        "stage0_conv0", "stage1_conv0", "stage1_conv1"}
+
+
+def test_convnet_batch_norm_uses_batch_statistics_in_training_and_running_ones_after():
+    from big_contrast.models.convnet import ConvNet
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    model = ConvNet("4", norm="batch")
+    variables = model.init(jax.random.key(0), images)
+    assert set(variables) == {"params", "batch_stats"}
+    (pooled, tokens), updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    # A training step moves the running statistics towards the batch's (momentum 0.9) ...
+    stats = updated["batch_stats"]["stage0_conv1_bn"]
+    assert not np.allclose(stats["mean"], 0.0)
+    # ... and evaluation normalises with those running statistics, not the batch's own.
+    frozen = model.apply({**variables, **updated}, images, train=False)
+    assert frozen[0].shape == pooled.shape and not np.allclose(frozen[0], pooled)

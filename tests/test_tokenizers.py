@@ -1,6 +1,7 @@
 """Tokenizer layout ([BOS, ..., EOS, PAD...], sticky EOS), determinism, round trips, pickling,
 and SentencePiece training through tools/train_tokenizer.py."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 
 from big_contrast.data import tokenizers
 from big_contrast.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("tok", [tokenizers.HashedWordTokenizer(8, 1000), tokenizers.ByteTokenizer(8)])
@@ -54,7 +57,7 @@ def test_train_sentencepiece_with_the_tool(tmp_path):
     model = tmp_path / "captions.model"
     subprocess.run([sys.executable, "tools/train_tokenizer.py", "--config", "configs/clip.py:demo",
                     "--output", str(model), "--vocab_size", "300", "--max_captions", "3000"],
-                   check=True, capture_output=True, text=True)
+                   check=True, capture_output=True, text=True, cwd=REPO)
     tok = tokenizers.get_tokenizer("sentencepiece", 24, model_path=str(model))
     assert 250 <= tok.vocab_size <= 300
     ids = tok.encode("a small red circle in the top left")

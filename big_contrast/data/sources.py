@@ -127,7 +127,8 @@ def build_source(data_config, split: str):
         syn = data_config.synthetic
         return synthetic.SyntheticWorld(split, num_records=syn.num_records,
                                         image_size=data_config.image_size,
-                                        seed=syn.seed, two_object_prob=syn.two_object_prob)
+                                        seed=syn.seed, two_object_prob=syn.two_object_prob,
+                                        grey_prob=syn.grey_prob)
     path = data_config.path.format(split=split)
     if kind == "manifest":
         return ManifestSource(path, data_config.image_key, data_config.caption_key)

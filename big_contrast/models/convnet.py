@@ -11,18 +11,21 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from big_contrast.models import transformer
+from big_contrast.models.efficientnet import batch_norm
 from big_contrast.models.vit import pixels_to_unit_range
 
 
-def parse_channels(variant: str) -> list[int]:
-    """'16,32,64' -> [16, 32, 64]: one stage per entry, 2x2 max-pool between stages."""
-    try:
-        channels = [int(c) for c in variant.split(",")]
-    except ValueError:
-        channels = []
-    if not channels or min(channels) <= 0:
-        raise ValueError(f"ConvNet variant must list stage widths, e.g. '16,32,64'; got {variant!r}")
-    return channels
+def parse_stages(variant: str) -> list[tuple[int, int]]:
+    """'16x1,32,64' -> [(16, 1), (32, 2), (64, 2)]: (width, convolutions) per stage, with
+    2x2 max-pooling between stages; a stage without 'xN' has two convolutions."""
+    stages = []
+    for entry in variant.split(","):
+        width, _, convs = entry.strip().partition("x")
+        if not width.isdigit() or not (convs or "2").isdigit() or int(width) == 0:
+            raise ValueError(f"ConvNet variant must list stage widths, e.g. '16,32,64' or "
+                             f"'16x1,32,64' (width x convolutions); got {variant!r}")
+        stages.append((int(width), int(convs or 2)))
+    return stages
 
 
 def _max_pool_2x2(x):
@@ -33,26 +36,30 @@ def _max_pool_2x2(x):
 
 
 class ConvNet(nn.Module):
-    """Stages of two (3x3 conv -> ReLU) layers, 2x2 max-pooling between stages.
+    """Stages of (3x3 conv -> BatchNorm -> ReLU) layers, 2x2 max-pooling between stages.
 
     Attributes:
-      variant: comma-separated stage widths, e.g. '16,32,64'.
+      variant: comma-separated stage widths, each optionally 'xN' convolutions (default 2),
+        e.g. '16,32,64' or '16x1,32,64'.
       stem: 'none' (the first stage sees full-resolution pixels) or 'space_to_depth' (each 2x2
         pixel block becomes one position with 4x the channels, so every stage runs at half the
         resolution: about 4x fewer FLOPs).
+      norm: 'batch' (BatchNorm after each conv: statistics of the global batch under jit,
+        running averages at evaluation, in the 'batch_stats' collection) or 'none'.
       coord_channels: append normalised (y, x) coordinates to the input pixels.
     Returns (pooled [B, C_last] = mean over positions, tokens [B, H'W', C_last]).
     """
 
     variant: str = "16,32,64"
     stem: str = "none"
+    norm: str = "batch"
     coord_channels: bool = True
-    convs_per_stage: int = 2
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        del train  # no dropout or batch statistics
-        channels = parse_channels(self.variant)
+        stages = parse_stages(self.variant)
+        if self.norm not in ("batch", "none"):
+            raise ValueError(f"ConvNet norm must be 'batch' or 'none', got {self.norm!r}")
         x = pixels_to_unit_range(images)
         batch, height, width, _ = x.shape
         if self.coord_channels:
@@ -64,14 +71,18 @@ class ConvNet(nn.Module):
             x = x.reshape(batch, height // 2, width // 2, -1)
         elif self.stem != "none":
             raise ValueError(f"ConvNet stem must be 'none' or 'space_to_depth', got {self.stem!r}")
-        for stage, features in enumerate(channels):
+        for stage, (features, convs) in enumerate(stages):
             if stage:
                 x = _max_pool_2x2(x)
-            for layer in range(self.convs_per_stage):
-                x = nn.Conv(features, (3, 3), padding="SAME", name=f"stage{stage}_conv{layer}",
+            for layer in range(convs):
+                name = f"stage{stage}_conv{layer}"
+                x = nn.Conv(features, (3, 3), padding="SAME", name=name,
+                            use_bias=self.norm == "none",
                             kernel_init=nn.with_logical_partitioning(
                                 nn.initializers.he_normal(), (None, None, None, None)),
                             bias_init=transformer.zeros_init((None,)))(x)
+                if self.norm == "batch":
+                    x = batch_norm(train, momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
                 x = nn.relu(x)
         tokens = x.reshape(batch, -1, x.shape[-1])
         return tokens.mean(axis=1), tokens

@@ -93,7 +93,7 @@ def _conv(features, kernel, name, strides=1, groups=1, use_bias=False):
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
 
 
-def _batch_norm(train, momentum, epsilon, name):
+def batch_norm(train, momentum, epsilon, name):
     """BatchNorm with replicated, logically-named scale and bias; statistics in 'batch_stats'."""
     return nn.BatchNorm(
         use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name,

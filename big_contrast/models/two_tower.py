@@ -21,7 +21,7 @@ def build_image_tower(cfg) -> nn.Module:
     if cfg.type == "vit":
         return ViT(cfg.variant, pool=cfg.pool, stem=cfg.stem, remat=cfg.remat)
     if cfg.type == "convnet":
-        return ConvNet(cfg.variant, stem=cfg.stem)
+        return ConvNet(cfg.variant, stem=cfg.stem, norm=cfg.norm)
     if cfg.type == "efficientnet":
         return EfficientNet(cfg.variant, remat=cfg.remat)
     raise ValueError(f"unknown image tower {cfg.type!r}; choose 'vit', 'convnet' or 'efficientnet'")
