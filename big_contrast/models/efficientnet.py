@@ -118,7 +118,7 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, train: bool = False):
-        bn = functools.partial(_batch_norm, train, self.bn_momentum, self.bn_epsilon)
+        bn = functools.partial(batch_norm, train, self.bn_momentum, self.bn_epsilon)
         in_features = inputs.shape[-1]
         hidden = in_features * self.expand_ratio
         x = inputs
@@ -166,7 +166,7 @@ class EfficientNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         coeffs = scaling(self.variant)
-        bn = functools.partial(_batch_norm, train, self.bn_momentum, self.bn_epsilon)
+        bn = functools.partial(batch_norm, train, self.bn_momentum, self.bn_epsilon)
         # static_argnums counts self: MBConv.__call__(self, inputs, train), train a Python bool.
         block_cls = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
 
