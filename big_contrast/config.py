@@ -132,6 +132,23 @@ def check_command_line_keys(config_arg: str, argv) -> None:
                 raise unknown_key_error(key, config)
 
 
+def build_recipe(arg: str | None, recipe: str, variants: dict, shared=None):
+    """What a recipe file's get_config does: parses 'variant[,bs=N]', starts from
+    base_config(), applies ``shared`` (settings of every variant) and then the variant's own
+    function; bs overrides the global batch size."""
+    arg = parse_arg(arg, variant=next(iter(variants)), bs=0)
+    if arg.variant not in variants:
+        raise ConfigError(f"unknown {recipe} variant {arg.variant!r}; choose "
+                          + " or ".join(repr(v) for v in variants))
+    config = base_config()
+    if shared is not None:
+        shared(config)
+    variants[arg.variant](config)
+    if arg.bs:
+        config.batch_size = arg.bs
+    return config
+
+
 # ----------------------------------------------------------------------------- durations
 
 

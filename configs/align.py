@@ -15,24 +15,19 @@ from big_contrast import config as bc
 
 
 def get_config(arg=None):
-    arg = bc.parse_arg(arg, variant="demo", bs=0)
-    c = bc.base_config()
-    c.objective = "contrastive"
+    return bc.build_recipe(arg, "align", {"demo": _demo, "L2": _paper_l2}, shared=_align)
+
+
+def _align(c):
+    """What every ALIGN variant shares."""
+    c.model.image.type = "efficientnet"
     c.model.text.causal = False  # BERT-style: every token sees the whole caption
     c.model.text.pool = "first"  # the [CLS] position (our tokenizers put BOS there)
     c.optim.name = "lamb"
     c.optim.decay = "linear"
     c.optim.b2 = 0.999
     c.optim.no_decay = ["log_scale"]
-    if arg.variant == "demo":
-        _demo(c)
-    elif arg.variant == "L2":
-        _paper_l2(c)
-    else:
-        raise bc.ConfigError(f"unknown align variant {arg.variant!r}; choose 'demo' or 'L2'")
-    if arg.bs:
-        c.batch_size = arg.bs
-    return c
+    c.evals.retrieval_val = dict(type="retrieval", every=0, split="val", num_examples=1000)
 
 
 def _demo(c):
@@ -43,7 +38,6 @@ def _demo(c):
     c.optim.lr = 4e-3
     c.optim.weight_decay = 1e-4
     c.optim.warmup_steps = 30
-    c.model.image.type = "efficientnet"
     c.model.image.variant = "tiny"
     c.model.text.variant = "pico"
     c.model.embed_dim = 128
@@ -53,7 +47,6 @@ def _demo(c):
     c.data.image_size = 32
     c.evals.zeroshot_val = dict(type="zero_shot", every=0, split="val", label_key="shape",
                                 num_examples=1000, where={"num_objects": 1})
-    c.evals.retrieval_val = dict(type="retrieval", every=0, split="val", num_examples=1000)
 
 
 def _paper_l2(c):
@@ -64,7 +57,6 @@ def _paper_l2(c):
     c.optim.lr = 1e-3
     c.optim.weight_decay = 1e-5
     c.optim.warmup_steps = 10_000
-    c.model.image.type = "efficientnet"
     c.model.image.variant = "L2"
     c.model.image.remat = True
     c.model.text.variant = "L"  # BERT-Large: 1024 wide, 24 layers, 16 heads
@@ -79,4 +71,5 @@ def _paper_l2(c):
     c.data.num_workers = 16
     c.data.augment.crop_scale = (0.08, 1.0)  # random resized crop
     c.data.augment.flip = True
-    c.evals.retrieval_val = dict(type="retrieval", every=10_000, split="val", num_examples=5_000)
+    c.evals.retrieval_val.every = 10_000
+    c.evals.retrieval_val.num_examples = 5_000

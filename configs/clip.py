@@ -1,8 +1,8 @@
-"""CLIP (Radford et al. 2021): ViT image tower + causal text transformer, softmax InfoNCE.
+"""CLIP (Radford et al. 2021): image tower + text tower, symmetric softmax InfoNCE.
 
 Variants (the text after ':' in --config):
-  demo   a tiny CLIP on the embedded synthetic world; trains and evaluates on a 2-core CPU
-         in under 5 minutes (see README for the measured figures).
+  demo   a small CLIP on the embedded synthetic world (BatchNorm ConvNet + bag-of-words text);
+         trains and evaluates on a 2-core CPU in under 5 minutes (README: measured figures).
   B/32   the paper recipe for ViT-B/32: global batch 32,768, 32 epochs of 400M pairs, AdamW
          (lr 5e-4, wd 0.2, betas 0.9/0.98, eps 1e-6), 2,000 warmup steps, 224 px, 76 tokens.
          Point data.* at your image-text pairs and text.* at a 49,408-piece SentencePiece model.
@@ -13,17 +13,7 @@ from big_contrast import config as bc
 
 
 def get_config(arg=None):
-    arg = bc.parse_arg(arg, variant="demo", bs=0)
-    c = bc.base_config()
-    if arg.variant == "demo":
-        _demo(c)
-    elif arg.variant == "B/32":
-        _paper_b32(c)
-    else:
-        raise bc.ConfigError(f"unknown clip variant {arg.variant!r}; choose 'demo' or 'B/32'")
-    if arg.bs:
-        c.batch_size = arg.bs
-    return c
+    return bc.build_recipe(arg, "clip", {"demo": _demo, "B/32": _paper_b32})
 
 
 def _demo(c):

@@ -131,19 +131,23 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 def test_png_manifest_trains_and_evaluates_through_the_entrypoints(tmp_path):
     manifest = write_png_manifest(tmp_path / "pngs", 300, corrupt=3)
     flags = ["--config.data.source=manifest", f"--config.data.path={manifest}",
-             "--config.total_steps=12", "--config.checkpoint_every=12"]
+             "--config.total_steps=20", "--config.checkpoint_every=20"]
     config = f"{TINY_CLIP}:retrieval"
     run = subprocess.run(_command("train", tmp_path / "run", *flags, config=config), cwd=REPO,
                          env=_ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "retrieval_val/i2t_R5" in run.stdout  # the final summary table
-    assert sorted(_losses(str(tmp_path / "run"))) == list(range(1, 13))
+    assert sorted(_losses(str(tmp_path / "run"))) == list(range(1, 21))
+    # 20 x 16 examples cover the whole shuffled manifest once: all 3 corrupt files skipped.
+    records = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["skipped_records"] for r in records if "loss" in r][-1] == 3
     evaluation = subprocess.run(_command("evaluate", tmp_path / "run", *flags, config=config),
                                 cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=300)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    saved = json.loads((tmp_path / "run" / "eval_12.json").read_text())
-    assert saved["step"] == 12 and set(saved) >= {"retrieval_val/i2t_R1", "retrieval_val/t2i_R10"}
+    saved = json.loads((tmp_path / "run" / "eval_20.json").read_text())
+    assert saved["step"] == 20 and set(saved) >= {"retrieval_val/i2t_R1", "retrieval_val/t2i_R10"}
     # The table printed by evaluate shows the same figures as the file.
     assert f"{saved['retrieval_val/i2t_R1']:.4f}" in evaluation.stdout
-    # 200 of the 297 decodable images, with captions naming 4 colours: far above chance.
-    assert saved["retrieval_val/i2t_R10"] > 10 / 200
+    # 200 images whose captions name one of 4 colours: chance R@10 is 10/200 = 0.05; a model
+    # that knows the colours gets about 10/50 = 0.2 (50 identical captions tie).
+    assert saved["retrieval_val/i2t_R10"] > 0.15

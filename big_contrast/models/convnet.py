@@ -11,8 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from big_contrast.models import transformer
-from big_contrast.models.efficientnet import batch_norm
-from big_contrast.models.vit import pixels_to_unit_range
+from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range
 
 
 def parse_stages(variant: str) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from big_contrast.models.vit import pixels_to_unit_range
+from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +91,6 @@ def _conv(features, kernel, name, strides=1, groups=1, use_bias=False):
                    feature_group_count=groups, use_bias=use_bias, name=name,
                    kernel_init=nn.with_logical_partitioning(init, _CONV_NAMES),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
-
-
-def batch_norm(train, momentum, epsilon, name):
-    """BatchNorm with replicated, logically-named scale and bias; statistics in 'batch_stats'."""
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
 
 
 class MBConv(nn.Module):

@@ -6,13 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from big_contrast.models import transformer
-
-
-def pixels_to_unit_range(images):
-    """uint8 pixels -> float32 in [-1, 1]; float inputs are assumed already normalised."""
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 127.5 - 1.0
-    return images
+from big_contrast.models.image_layers import pixels_to_unit_range
 
 
 class ViT(nn.Module):

@@ -1,0 +1,22 @@
+"""Pieces every image tower shares: pixel scaling and a logically-named BatchNorm."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def pixels_to_unit_range(images):
+    """uint8 pixels -> float32 in [-1, 1]; float inputs are assumed already normalised."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    return images
+
+
+def batch_norm(train: bool, momentum: float, epsilon: float, name: str) -> nn.BatchNorm:
+    """BatchNorm with replicated, logically-named scale and bias; statistics in 'batch_stats'
+    (computed over the global batch under jit, running averages when not training)."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
