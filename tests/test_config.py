@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from big_contrast import config as bc
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def test_parse_arg_binds_the_bare_value_to_the_first_key_and_types_the_rest():

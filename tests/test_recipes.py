@@ -5,7 +5,6 @@ import math
 import os
 
 import jax
-import pytest
 
 from big_contrast import config as bc
 from big_contrast.experiment import Experiment

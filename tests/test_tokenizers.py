@@ -1,7 +1,6 @@
 """Tokenizer layout ([BOS, ..., EOS, PAD...], sticky EOS), determinism, round trips, pickling,
 and SentencePiece training through tools/train_tokenizer.py."""
 
-import os
 import pickle
 import subprocess
 import sys
@@ -11,8 +10,7 @@ import pytest
 
 from big_contrast.data import tokenizers
 from big_contrast.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("tok", [tokenizers.HashedWordTokenizer(8, 1000), tokenizers.ByteTokenizer(8)])

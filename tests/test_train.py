@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from big_contrast import checkpoint, metrics, train as train_lib
-from big_contrast.evaluate import evaluate
 from big_contrast.experiment import Experiment
 from tests.helpers import REPO, TINY_CLIP, tiny_clip_config, write_png_manifest
 

@@ -12,7 +12,6 @@ import re
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
