@@ -36,10 +36,12 @@ def measure(config, steps: int) -> dict:
     state = exp.state_factory.create()
     shardings = jax.tree.map(lambda s: s.sharding, exp.state_factory.abstract())
     step_fn = make_train_step(exp.state_factory, shardings)
-    dataset = pipeline.train_dataset(config.data, exp.objective.batch_spec, exp.tokenizer,
-                                     exp.local_batch_size, config.seed)
-    data = pipeline.DeviceIterator(dataset, mesh, config.data.prefetch)
-    batch, _ = next(data)
+    def batches():
+        return pipeline.TrainBatches(config.data, exp.objective.batch_spec, exp.tokenizer,
+                                     exp.local_batch_size, config.seed, mesh)
+
+    data = batches()
+    batch = next(data)
 
     with jax.set_mesh(mesh):
         began = time.perf_counter()
@@ -59,16 +61,14 @@ def measure(config, steps: int) -> dict:
 
         step_seconds = _median_time(compute_only, steps)
 
-        def host_only():
-            next(dataset_iter)
-
-        dataset_iter = iter(dataset)
-        next(dataset_iter)
-        pipeline_seconds = _median_time(host_only, steps)
+        host = batches()  # the input pipeline alone, its prefetch thread running ahead
+        next(host)
+        pipeline_seconds = _median_time(lambda: next(host), steps)
+        host.close()
 
         began = time.perf_counter()
         for _ in range(steps):
-            batch, _ = next(data)
+            batch = next(data)
             holder["state"], m = step_fn(holder["state"], batch)
         jax.block_until_ready(m)
         end_to_end_seconds = (time.perf_counter() - began) / steps

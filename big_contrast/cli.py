@@ -3,6 +3,7 @@ parsing that names a misspelt --config.<key> with the closest valid key."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import app, flags, logging as absl_logging
@@ -44,6 +45,12 @@ def parse_flags(argv):
         sys.exit(f"error: {e}")
 
 
+def _quiet_library_tracebacks(record: logging.LogRecord) -> bool:
+    """Drops orbax's own error logs (with tracebacks from its background threads): the
+    checkpointer reports the same failure as one clear error naming the step."""
+    return not ("/orbax/" in record.pathname.replace("\\", "/") and record.levelno >= logging.ERROR)
+
+
 def run(main) -> None:
     """app.run with our flag parser; requires --workdir; quiets INFO logs of orbax/grain."""
 
@@ -53,6 +60,7 @@ def run(main) -> None:
         if not FLAGS.workdir:
             sys.exit("error: --workdir is required")
         absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("absl").addFilter(_quiet_library_tracebacks)
         main()
 
     app.run(checked_main, flags_parser=parse_flags)

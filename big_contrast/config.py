@@ -195,6 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.eval_batch_size = 500
     c.tensorboard = True
+    # Exponential moving average of the weights (0 = off). With EMA on, evaluators report both
+    # the averaged weights ('ema/<eval>/<metric>') and the online ones ('<eval>/<metric>').
+    c.ema_decay = 0.0
+    c.eval_weights = "both"  # both | online | ema: which weights evaluators see (EMA if on)
 
     # Mesh axes (one may be -1: all remaining devices) and logical -> mesh axis rules.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
@@ -224,8 +228,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.image = ml_collections.ConfigDict(
         {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "norm": "batch",
+         "bn_momentum": placeholder(float), "drop_connect": 0.2, "max_stride": placeholder(int),
          "remat": False})
-    # stem: for a vit, patch | conv; for a convnet, none | space_to_depth. norm: convnet only.
+    # pool: vit cls | gap; convnet and efficientnet gap | max | gap_max. stem: vit patch | conv;
+    # convnet none | space_to_depth; efficientnet stride2 (the paper) | stride1 (small images).
+    # norm: convnet only. bn_momentum: running-statistics decay (None: the tower's default).
+    # drop_connect, max_stride: efficientnet's stochastic-depth rate and cap on the total stride.
     c.model.text = ml_collections.ConfigDict(
         {"variant": "M", "causal": True, "pool": "eos", "remat": False})
     c.model.embed_dim = 512
@@ -241,21 +249,51 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.model_path = ""  # for 'sentencepiece'
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic | manifest | tfds | array_record
+    c.data.source = "synthetic"  # synthetic | manifest | image_folder | tfds | array_record
     c.data.train_split = "train"
     c.data.image_size = 32
     c.data.shuffle = True
     c.data.num_workers = 0  # grain worker processes (0: decode in the main process)
     c.data.read_threads = 0  # reader threads per process; >0 helps when reading remote files
-    c.data.worker_buffer_size = 2
+    c.data.worker_buffer_size = 2  # x16 decoded examples buffered per worker
     c.data.prefetch = 2  # batches prepared ahead on the device-transfer thread
     c.data.path = ""  # manifest / ArrayRecord path ('{split}' is replaced), or TFDS data_dir
     c.data.tfds_name = ""
     c.data.image_key = "image"
     c.data.caption_key = "caption"
+    # Corrupt records (missing, undecodable or oversized images, empty or non-UTF-8 captions)
+    # are skipped and counted; above this fraction of the records read, the run stops.
+    c.data.max_corrupt_fraction = 0.1
+    c.data.max_image_pixels = 89_478_485  # larger images are refused before decoding
     c.data.synthetic = ml_collections.ConfigDict(
         {"seed": 0, "num_records": 10_000_000, "two_object_prob": 0.3, "grey_prob": 0.15})
     c.data.augment = ml_collections.ConfigDict({"crop_scale": (1.0, 1.0), "flip": False})
 
     c.evals = ml_collections.ConfigDict()
+
+    # Fault injection for tests: overwrite 'loss', 'grads' or 'params' with poison_value at
+    # optimizer step poison_step (0 = never).
+    c.debug = ml_collections.ConfigDict(
+        {"poison_step": 0, "poison_where": "", "poison_value": float("nan")})
     return c
+
+
+def from_record(recorded: dict) -> ml_collections.ConfigDict:
+    """The config a run recorded in its workdir (config.json), typed like base_config()."""
+    config = base_config()
+    _update(config, recorded, "")
+    config.lock()
+    return config
+
+
+def _update(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+            _update(node[key], value, f"{prefix}{key}.")
+        elif isinstance(node.get(key), tuple) and isinstance(value, list):
+            node[key] = tuple(value)
+        else:
+            try:
+                node[key] = value
+            except TypeError as e:
+                raise ConfigError(f"recorded config key '{prefix}{key}': {e}") from None

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from big_contrast import config as config_lib, optim, sharding
+from big_contrast import config as config_lib, optim, sharding, validation
 from big_contrast.data import sources, tokenizers
 from big_contrast.objectives import build_objective
-from big_contrast.train_state import StateFactory
+from big_contrast.train_state import Poison, StateFactory
 
 
 def build_tokenizer(config) -> tokenizers.Tokenizer:
@@ -44,8 +44,13 @@ class Experiment:
     """
 
     def __init__(self, config, devices=None, examples_per_epoch: int | None = None):
+        validation.validate(config)
         self.config = config
-        self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+        try:
+            self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+            self.local_batch_size = sharding.batch_size_per_process(config.batch_size, self.mesh)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from None
         self.rules = sharding.rules_from_config(config.sharding_rules)
         self.tokenizer = build_tokenizer(config)
         self.objective = build_objective(config, self.tokenizer)
@@ -53,10 +58,14 @@ class Experiment:
             train_source = sources.build_source(config.data, config.data.train_split)
             examples_per_epoch = sources.num_examples(train_source)
         self.total_steps, self.warmup_steps = training_length(config, examples_per_epoch)
-        self.local_batch_size = sharding.batch_size_per_process(config.batch_size, self.mesh)
+        self.eval_weights = {"online": ("online",), "ema": ("ema",)}.get(
+            config.eval_weights, ("online", "ema") if config.ema_decay else ("online",))
+        debug = config.debug
+        self.poison = (Poison(debug.poison_step, debug.poison_where, debug.poison_value)
+                       if debug.poison_step else None)
         self.state_factory = StateFactory(
             self.objective,
             lambda params: optim.make_optimizer(config.optim, params, self.total_steps,
                                                 self.warmup_steps),
             example_batch(self.objective.batch_spec, config.text.max_len),
-            self.mesh, self.rules, config.seed)
+            self.mesh, self.rules, config.seed, config.ema_decay)

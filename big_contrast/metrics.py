@@ -1,31 +1,58 @@
 """Metric writers (JSONL + TensorBoard, every record carries its step), the progress line and
-the final summary table. Only process 0 writes."""
+the final summary table. Only process 0 writes.
+
+metrics.jsonl is the record of a run: on resume it is cut back to the restored step (a line
+half-written by a kill is dropped) and the TensorBoard events are rewritten from it, so neither
+holds a step twice.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
 
 
-class MetricWriter:
-    """Appends {'step': s, **scalars} to workdir/metrics.jsonl and TensorBoard event files."""
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+
+class MetricWriter:
+    """Appends {'step': s, **scalars} to workdir/metrics.jsonl and TensorBoard event files.
+
+    ``resume_step``: the step a resumed run restarts from; records written after it by the
+    interrupted run are dropped first (None: a fresh run, nothing is dropped).
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, METRICS_FILE)
+        kept = [r for r in read_jsonl(path) if resume_step is None or r["step"] <= resume_step]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:  # a kill now loses nothing
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: start-up time counts
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            events = os.path.join(workdir, TENSORBOARD_DIR)
+            shutil.rmtree(events, ignore_errors=True)
+            self._tb = SummaryWriter(events)
+            for record in kept:
+                self._add_events(record)
+
+    def _add_events(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step":
+                self._tb.add_scalar(key, value, global_step=record["step"])
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -34,9 +61,7 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self._tb.add_scalar(key, value, global_step=int(step))
+            self._add_events(record)
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -46,8 +71,19 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSONL file ([] if absent); a last line cut short by a kill is dropped."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not JSON: {line[:80]!r}") from None
+    return records
 
 
 def _duration(seconds: float) -> str:

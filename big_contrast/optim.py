@@ -10,6 +10,9 @@ import optax
 
 from big_contrast.config import ConfigError
 
+OPTIMIZERS = ("adamw", "lamb")
+DECAYS = ("cosine", "linear")
+
 
 def make_schedule(optim_config, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to ``lr``, then cosine or linear decay to ``lr * end_lr_fraction``."""

@@ -35,14 +35,14 @@ def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
     sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(shape)}")
     if -1 in sizes:
         rest = math.prod(s for s in sizes if s != -1)
         if len(devices) % rest:
-            raise ValueError(f"{len(devices)} devices do not split into mesh {dict(shape)}")
+            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices do not split into it")
         sizes[sizes.index(-1)] = len(devices) // rest
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
@@ -69,10 +69,10 @@ def batch_size_per_process(global_batch: int, mesh) -> int:
     """The slice of the global batch that this process feeds."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % shards:
-        raise ValueError(f"batch size {global_batch} does not divide over {shards} batch shards "
-                         f"(mesh data x fsdp)")
+        raise ValueError(f"batch_size {global_batch} does not divide over the {shards} batch "
+                         f"shards of the mesh (mesh.data x mesh.fsdp = {shards})")
     if global_batch % jax.process_count():
-        raise ValueError(f"batch size {global_batch} does not divide over "
+        raise ValueError(f"batch_size {global_batch} does not divide over "
                          f"{jax.process_count()} processes")
     return global_batch // jax.process_count()
 

@@ -182,3 +182,17 @@ def test_learns_red_vs_blue(tiny):
         losses.append(float(loss))
     assert losses[0] == pytest.approx(np.log(2), abs=1e-5)  # zero-initialised head
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("size, kernel, stride", [(8, 3, 1), (8, 3, 2), (9, 5, 2), (7, 5, 1)])
+def test_shifted_depthwise_convolution_equals_the_grouped_convolution(size, kernel, stride):
+    """The CPU form of the depthwise convolution gives XLA's grouped convolution's numbers,
+    'SAME' padding included (asymmetric for even sizes at stride 2)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
+    expected = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=6)
+    np.testing.assert_allclose(efficientnet.depthwise_conv_shifted(x, w, stride), expected,
+                               atol=1e-5)

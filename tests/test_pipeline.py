@@ -21,19 +21,29 @@ def _tokenizer():
     return tokenizers.get_tokenizer("words", 12, 256)
 
 
-def _dataset(data_config, spec=SPEC, batch=8, seed=0):
-    return pipeline.train_dataset(data_config, spec, _tokenizer(), batch, seed)
+def _mesh(devices=1):
+    return sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1}, jax.devices()[:devices])
+
+
+def _batches(data_config, spec=SPEC, batch=8, seed=0, devices=1):
+    return pipeline.TrainBatches(data_config, spec, _tokenizer(), batch, seed, _mesh(devices))
+
+
+def _take(batches, n, key="image"):
+    try:
+        return [np.asarray(next(batches)[key]) for _ in range(n)]
+    finally:
+        batches.close()
 
 
 def test_batches_are_global_arrays_split_over_the_data_axis():
     config = tiny_clip_config()
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    data = pipeline.DeviceIterator(_dataset(config.data), mesh)
+    data = _batches(config.data, devices=8)
     try:
-        batch, skipped = next(data)
+        batch = next(data)
     finally:
         data.close()
-    assert skipped == 0 and len(jax.devices()) == 8
+    assert data.skipped_total == 0 and data.read == 8 and len(jax.devices()) == 8
     assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
     assert batch["text"].shape == (8, 12) and batch["shape"].shape == (8,)
     assert len(batch["image"].sharding.device_set) == 8
@@ -42,63 +52,68 @@ def test_batches_are_global_arrays_split_over_the_data_axis():
 
 def test_seeded_shuffle_is_deterministic_and_seed_dependent():
     config = tiny_clip_config()
-    first = [b["text"] for b in itertools.islice(iter(_dataset(config.data, seed=1)), 3)]
-    again = [b["text"] for b in itertools.islice(iter(_dataset(config.data, seed=1)), 3)]
-    other = [b["text"] for b in itertools.islice(iter(_dataset(config.data, seed=2)), 3)]
+    first = _take(_batches(config.data, seed=1), 3, "text")
+    again = _take(_batches(config.data, seed=1), 3, "text")
+    other = _take(_batches(config.data, seed=2), 3, "text")
     np.testing.assert_array_equal(np.stack(first), np.stack(again))
     assert not np.array_equal(np.stack(first), np.stack(other))
 
 
-def test_device_iterator_state_resumes_exactly_despite_prefetching():
-    config = tiny_clip_config()
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    data = pipeline.DeviceIterator(_dataset(config.data), mesh, prefetch=3)
+def test_position_resumes_exactly_despite_prefetching():
+    config = tiny_clip_config(**{"data.prefetch": 3})
+    data = _batches(config.data)
     for _ in range(3):
         next(data)
     state = data.get_state()  # the thread has already prepared batches 4..6
-    expected = [np.asarray(next(data)[0]["image"]) for _ in range(3)]
-    data.close()
-    resumed = pipeline.DeviceIterator(_dataset(config.data), mesh)
+    expected = _take(data, 3)
+    resumed = _batches(config.data)
     resumed.set_state(state)
-    got = [np.asarray(next(resumed)[0]["image"]) for _ in range(3)]
-    resumed.close()
-    for e, g in zip(expected, got):
+    got = _take(resumed, 3)
+    for e, g in zip(expected, got, strict=True):
         np.testing.assert_array_equal(e, g)
     with pytest.raises(RuntimeError, match="set_state after prefetching"):
         resumed.set_state(state)
 
 
-def _rows(batches):
-    """The batches' examples as a sorted list of bytes (order-free comparison)."""
-    return sorted(b["image"][i].tobytes() + b["text"][i].tobytes()
-                  for b in batches for i in range(len(b["image"])))
-
-
-def test_worker_processes_decode_the_same_examples_and_resume_exactly():
+def test_worker_processes_give_the_same_batches_and_positions_carry_across_worker_counts():
     config = tiny_clip_config()
-    in_process = list(itertools.islice(iter(_dataset(config.data)), 4))
+    in_process = _take(_batches(config.data), 5)
     config.data.num_workers = 2
-    iterator = iter(_dataset(config.data))
-    in_workers = [next(iterator) for _ in range(4)]
-    # Workers take alternate examples and alternate batches: the same examples overall.
-    assert _rows(in_workers) == _rows(in_process)
-    state = iterator.get_state()
-    expected = [next(iterator)["image"].copy() for _ in range(2)]
-    resumed = iter(_dataset(config.data))
+    in_workers = _batches(config.data)
+    for expected in in_process[:3]:  # workers decode, the main process batches in order
+        np.testing.assert_array_equal(np.asarray(next(in_workers)["image"]), expected)
+    state = in_workers.get_state()
+    in_workers.close()
+    config.data.num_workers = 0  # resume a position saved with two workers without any
+    resumed = _batches(config.data)
     resumed.set_state(state)
-    for e in expected:
-        np.testing.assert_array_equal(next(resumed)["image"], e)
+    for expected, got in zip(in_process[3:], _take(resumed, 2), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_augmentation_is_seeded_by_the_global_stream_position():
+    config = tiny_clip_config(**{"data.augment.crop_scale": "(0.3, 1.0)", "data.augment.flip": "true"})
+    spec = BatchSpec(views=(ImageView(16, (0.3, 1.0), True),), text=True)
+    stream = pipeline.example_stream(sources.build_source(config.data, "train"), config.data,
+                                     spec, _tokenizer(), seed=0)
+    examples = list(itertools.islice(iter(stream), 12))
+    later = list(itertools.islice(iter(pipeline.example_stream(
+        sources.build_source(config.data, "train"), config.data, spec, _tokenizer(), seed=0,
+        start=7)), 5))
+    for a, b in zip(examples[7:], later, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
 
 
 def test_corrupt_manifest_records_are_skipped_and_counted(tmp_path):
     manifest = write_png_manifest(tmp_path, 24, corrupt=4)
     config = tiny_clip_config(**{"data.source": "manifest", "data.path": manifest,
-                                 "data.shuffle": "false"})
+                                 "data.shuffle": "false", "data.max_corrupt_fraction": "0.2"})
     spec = BatchSpec(views=(ImageView(16),), text=True)
-    batches = list(itertools.islice(iter(_dataset(config.data, spec, batch=10)), 3))
+    data = _batches(config.data, spec, batch=10)
+    images = _take(data, 3)
     # 20 good + 4 corrupt per epoch, in order: 30 good images read, 4 corrupt ones skipped.
-    assert sum(int(b[pipeline.SKIPPED_KEY].sum()) for b in batches) == 4
-    assert all(b["image"].shape == (10, 16, 16, 3) for b in batches)
+    assert data.skipped == {"undecodable_image": 4} and data.read == 34
+    assert all(image.shape == (10, 16, 16, 3) for image in images)
 
 
 def test_manifest_reports_missing_columns(tmp_path):

@@ -1,12 +1,12 @@
 """The embedded world: deterministic per (seed, split, index), held-out pairings never in
-train, captions that vary and agree with the labels."""
+train, captions that vary and agree with the labels, zero-shot prompts worded as captions."""
 
 import re
 
 import numpy as np
 import pytest
 
-from big_contrast.data import synthetic
+from big_contrast.data import sources, synthetic
 from big_contrast.data.synthetic import SyntheticWorld
 
 
@@ -114,3 +114,77 @@ def test_two_object_images_and_backgrounds_occur():
 def test_unknown_split_is_rejected():
     with pytest.raises(ValueError, match="heldout_combos"):
         SyntheticWorld("test")
+
+
+def _alternatives(word_table: dict) -> str:
+    phrases = {w for words in word_table.values() for w in words}
+    return "(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + ")"
+
+
+def _single_object_caption_regex() -> re.Pattern:
+    """The captions _single_caption can write for one coloured object, without the optional
+    background suffix: its five templates over the world's word tables."""
+    size, colour = _alternatives(synthetic._SIZE_WORDS), _alternatives(synthetic._COLOUR_WORDS)
+    shape, pos = _alternatives(synthetic._SHAPE_WORDS), _alternatives(synthetic._POSITION_WORDS)
+    # A noun phrase names the shape, or else says shape/object/thing after a colour.
+    noun_phrase = f"an? (?:{size} )?(?:(?:{colour} )?{shape}|{colour} (?:shape|object|thing))"
+    templates = [f"{noun_phrase}(?: {pos})?", f"there is {noun_phrase}(?: {pos})?",
+                 f"(?:{pos}, )?{noun_phrase}", f"a picture of {noun_phrase}(?: {pos})?",
+                 f"an? (?:{size} )?{shape} coloured {colour}(?: {pos})?"]
+    return re.compile("|".join(f"(?:{t})" for t in templates))
+
+
+def _articles_agree(text: str) -> bool:
+    words = text.replace(",", "").split()
+    return all((words[i + 1][0] in "aeiou") == (w == "an")
+               for i, w in enumerate(words[:-1]) if w in ("a", "an"))
+
+
+def test_the_caption_regex_reads_every_single_object_caption():
+    pattern = _single_object_caption_regex()
+    world = SyntheticWorld("train")
+    checked = 0
+    for i in range(600):
+        r = world[i]
+        if r["num_objects"] == 1 and not r["grey"]:
+            caption = re.sub(r" on an? [a-z]+ background$", "", r["caption"])
+            assert pattern.fullmatch(caption) and _articles_agree(caption), r["caption"]
+            checked += 1
+    assert checked > 250
+    for never_said in ("a shape in the top left", "a small thing", "a orange shape"):
+        assert not (pattern.fullmatch(never_said) and _articles_agree(never_said)), never_said
+
+
+_LABELS = {"shape": (synthetic.SHAPES, synthetic._SHAPE_WORDS),
+           "colour": (synthetic.COLOURS, synthetic._COLOUR_WORDS),
+           "size": (synthetic.SIZES, synthetic._SIZE_WORDS),
+           "position": (synthetic.POSITIONS, synthetic._POSITION_WORDS)}
+
+
+@pytest.mark.parametrize("label", list(_LABELS))
+def test_zero_shot_prompts_are_captions_the_world_can_write(label):
+    world = SyntheticWorld("val")
+    names = sources.class_names(world, label)
+    templates = sources.prompt_templates(world, label)
+    values, words = _LABELS[label]
+    assert len(names) == len(values) and len(templates) >= 3
+    pattern = _single_object_caption_regex()
+
+    def says(prompt, value):
+        return any(re.search(rf"\b{re.escape(w)}\b", prompt) for w in words[value])
+
+    for value, name in zip(values, names):
+        for template in templates:
+            prompt = template.format(name)
+            assert pattern.fullmatch(prompt) and _articles_agree(prompt), prompt
+            # It names this class, in a word captions use for it, and no other class.
+            assert says(prompt, value), prompt
+            assert not any(says(prompt, other) for other in values if other != value), prompt
+
+
+def test_shape_prompts_are_unchanged():
+    # The demo's published zero-shot figures were measured with exactly these prompts.
+    world = SyntheticWorld("val")
+    assert sources.class_names(world, "shape") == synthetic.SHAPES
+    assert sources.prompt_templates(world, "shape") == (
+        "a {}", "there is a {}", "a picture of a {}")

@@ -1,21 +1,22 @@
-"""The trainer end to end: learning happens, 1 and 8 devices agree, SIGKILL + rerun equals an
-uninterrupted run, a NaN stops the run with the last good checkpoint intact, and a folder of
-PNG files trains and evaluates through the command-line entrypoints."""
+"""The trainer end to end: learning happens, 1 and 8 devices agree (with and without batch
+norm), the logged learning rate is the step's, a batch-norm model resumes exactly and evaluates
+through the evaluate entrypoint, and a folder of PNG files trains and evaluates through the
+command-line entrypoints. Faults (kills, signals, NaNs, bad input) are in test_faults.py."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from big_contrast import checkpoint, metrics, train as train_lib
+from big_contrast import actions, checkpoint, evaluate as evaluate_lib, metrics, train as train_lib
 from big_contrast.experiment import Experiment
 from tests.helpers import REPO, TINY_CLIP, tiny_clip_config, write_png_manifest
+from tests.labelled_data import write_labelled_set
 
 
 def _losses(workdir):
@@ -25,7 +26,7 @@ def _losses(workdir):
 
 def _final_params(config, workdir):
     exp = Experiment(config, jax.devices()[:1])
-    ckpt = checkpoint.Checkpointer(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, create=False)
     state = ckpt.restore(ckpt.latest_step(), exp.state_factory.abstract())
     ckpt.close()
     return jax.tree.map(np.asarray, state)
@@ -44,12 +45,15 @@ def test_loss_falls_and_every_record_carries_its_step(tmp_path):
     assert {"learning_rate", "grad_norm", "temperature", "samples_per_second"} <= set(record)
 
 
-def test_one_and_eight_devices_give_the_same_losses(tmp_path):
-    config = tiny_clip_config(total_steps=5, checkpoint_every=5)
+@pytest.mark.parametrize("tower", ["vit", "convnet"])
+def test_one_and_eight_devices_give_the_same_losses(tmp_path, tower):
+    # Batch statistics (convnet; efficientnet below) are computed over the global batch under
+    # jit, so they too agree across device counts.
+    config = tiny_clip_config(tower, total_steps=4, checkpoint_every=4)
     train_lib.train(config, str(tmp_path / "one"), jax.devices()[:1])
     train_lib.train(config, str(tmp_path / "eight"), jax.devices())
     one, eight = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "eight"))
-    assert sorted(one) == [1, 2, 3, 4, 5]
+    assert sorted(one) == [1, 2, 3, 4]
     for step in one:
         assert abs(one[step] - eight[step]) < 1e-4, (step, one[step], eight[step])
 
@@ -70,61 +74,53 @@ def _command(entrypoint, workdir, *flags, config=TINY_CLIP):
 
 
 _ENV = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
-_LONGER = ["--config.total_steps=24", "--config.checkpoint_every=4"]
 
 
-def test_sigkill_and_rerun_equals_an_uninterrupted_run(tmp_path):
-    subprocess.run(_command("train", tmp_path / "straight", *_LONGER), cwd=REPO, env=_ENV,
-                   check=True, capture_output=True, timeout=300)
-    # Kill the second run with SIGKILL (no chance to save) once it has passed step 13.
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command("train", killed, *_LONGER), cwd=REPO, env=_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = killed / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if log.exists() and max([0] + list(_losses(str(killed)))) >= 13:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = subprocess.run(_command("train", killed, *_LONGER), cwd=REPO, env=_ENV,
-                             check=True, capture_output=True, text=True, timeout=300)
-    assert "Resumed from checkpoint at step" in resumed.stdout
-    straight, again = _losses(str(tmp_path / "straight")), _losses(str(killed))
-    assert sorted(again) == list(range(1, 25))  # records past the checkpoint were replaced
-    assert again[24] == straight[24]
-    config = tiny_clip_config(total_steps=24)
+def test_logged_learning_rate_is_the_rate_at_the_logged_step(tmp_path):
+    config = tiny_clip_config(total_steps=8, log_every=4, checkpoint_every=8,
+                              **{"optim.warmup_steps": "3"})
+    train_lib.train(config, str(tmp_path), jax.devices()[:1])
+    exp = Experiment(config, jax.devices()[:1])
+    logged = {r["step"]: r["learning_rate"]
+              for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))}
+    # Step s applied the rate schedule(s - 1); an interval mean would differ (warmup, decay).
+    for step in (4, 8):
+        assert logged[step] == pytest.approx(float(exp.state_factory.schedule(step - 1)), rel=1e-6)
+
+
+def test_efficientnet_on_one_and_eight_devices_resumes_exactly_and_evaluates(tmp_path,
+                                                                            monkeypatch):
+    """Batch-norm EfficientNet: 1 and 8 devices agree, a run stopped by SIGTERM resumes
+    bit-identical, and the evaluate entrypoint reproduces the run's own evaluation."""
+    config = tiny_clip_config("efficientnet,retrieval", total_steps=6, checkpoint_every=3,
+                              ema_decay=0.8)
+    train_lib.train(config, str(tmp_path / "one"), jax.devices()[:1])
+    straight = train_lib.train(config, str(tmp_path / "straight"), jax.devices())
+    one, eight = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "straight"))
+    for step in range(1, 7):
+        assert abs(one[step] - eight[step]) < 1e-4, (step, one[step], eight[step])
+    real_log = actions.LogMetrics.__call__
+
+    def log_then_sigterm(self, step, state):  # a preemption notice arriving at step 4
+        real_log(self, step, state)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(actions.LogMetrics, "__call__", log_then_sigterm)
+    with pytest.raises(actions.Interrupted, match="interrupted by SIGTERM at step 4"):
+        train_lib.train(config, str(tmp_path / "resumed"), jax.devices())
+    monkeypatch.undo()
+    resumed = train_lib.train(config, str(tmp_path / "resumed"), jax.devices())
+    assert resumed["final_loss"] == straight["final_loss"]
     a = _final_params(config, str(tmp_path / "straight"))
-    b = _final_params(config, str(killed))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    b = _final_params(config, str(tmp_path / "resumed"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
-
-
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_make_train_step = train_lib.make_train_step
-
-    def make_poisoned_step(*args, **kwargs):
-        step_fn = real_make_train_step(*args, **kwargs)
-
-        def poisoned(state, batch):
-            new_state, step_metrics = step_fn(state, batch)
-            if int(new_state.step) >= 5:  # from step 5 on the loss is NaN
-                step_metrics = {**step_metrics, "loss": step_metrics["loss"] * np.nan}
-            return new_state, step_metrics
-        return poisoned
-
-    monkeypatch.setattr(train_lib, "make_train_step", make_poisoned_step)
-    config = tiny_clip_config(total_steps=8, checkpoint_every=3, log_every=1)
-    with pytest.raises(train_lib.NonFiniteLossError, match="last good checkpoint is step 3"):
-        train_lib.train(config, str(tmp_path), jax.devices()[:1])
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
-    assert ckpt.all_steps() == [3]
-    ckpt.close()
-    state = _final_params(config, str(tmp_path))
-    assert int(state.step) == 3
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    assert jax.tree.leaves(a.model_state)  # batch statistics were checkpointed and compared
+    # The evaluate entrypoint on that checkpoint reports what the run reported.
+    evaluated = evaluate_lib.evaluate(None, str(tmp_path / "resumed"), devices=jax.devices())
+    for key in ("retrieval_val/i2t_R5", "ema/retrieval_val/t2i_R1"):
+        assert evaluated[key] == straight[key]
 
 
 def test_png_manifest_trains_and_evaluates_through_the_entrypoints(tmp_path):
@@ -147,6 +143,15 @@ def test_png_manifest_trains_and_evaluates_through_the_entrypoints(tmp_path):
     assert saved["step"] == 20 and set(saved) >= {"retrieval_val/i2t_R1", "retrieval_val/t2i_R10"}
     # The table printed by evaluate shows the same figures as the file.
     assert f"{saved['retrieval_val/i2t_R1']:.4f}" in evaluation.stdout
-    # 200 images whose captions name one of 4 colours: chance R@10 is 10/200 = 0.05; a model
-    # that knows the colours gets about 10/50 = 0.2 (50 identical captions tie).
-    assert saved["retrieval_val/i2t_R10"] > 0.15
+    # 200 images whose captions name one of 4 colours, 50 identical captions each: all of them
+    # count as the match, so chance R@1 is about 1/4 and a model that knows the colours gets
+    # close to 1.
+    assert saved["retrieval_val/i2t_R1"] > 0.5
+    # Zero-shot on a labelled image folder of the same colours, with generic prompts.
+    labelled = write_labelled_set(tmp_path / "labelled", per_class=10)
+    zero_shot = subprocess.run(_command("evaluate", tmp_path / "run", "--zero_shot",
+                                        labelled["folder"], config=f"{TINY_CLIP}:retrieval"),
+                               cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=300)
+    assert zero_shot.returncode == 0, zero_shot.stderr[-3000:]
+    accuracy = json.loads((tmp_path / "run" / "eval_20.json").read_text())["zero_shot/top1"]
+    assert accuracy >= 3 * 1 / len(labelled["classes"])

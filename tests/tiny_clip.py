@@ -1,7 +1,9 @@
 """A tiny CLIP for tests: configs/clip.py:demo shrunk to about a second per step.
 
-Arguments: 'retrieval' declares one retrieval evaluator on 'val' (it works for any source
-with captions, e.g. a manifest); otherwise no evaluators run.
+Arguments: the image tower, 'vit' (default, no batch norm), 'convnet' or 'efficientnet' (both
+with batch statistics in the model state); 'retrieval' declares one retrieval evaluator on
+'val' (it works for any source with captions, e.g. a manifest); otherwise no evaluators run.
+E.g. 'tests/tiny_clip.py:convnet,retrieval'.
 """
 
 import os
@@ -11,9 +13,21 @@ from big_contrast import config as bc
 _DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "configs", "clip.py:demo")
 
+_TOWERS = {
+    "vit": {"model.image.type": "vit", "model.image.variant": "mu/8", "model.image.pool": "gap",
+            "model.image.stem": "patch"},
+    "convnet": {"model.image.type": "convnet", "model.image.variant": "8x1,16",
+                "model.image.stem": "none", "model.image.norm": "batch",
+                "model.image.pool": "gap"},
+    "efficientnet": {"model.image.type": "efficientnet", "model.image.variant": "tiny",
+                     "model.image.stem": "stride2", "model.image.pool": "gap"},
+}
+
 
 def get_config(arg=None):
-    arg = bc.parse_arg(arg, retrieval=False)
+    arg = bc.parse_arg(arg, tower="vit", retrieval=False)
+    if arg.tower not in _TOWERS:
+        raise bc.ConfigError(f"tiny_clip tower must be one of {list(_TOWERS)}, got {arg.tower!r}")
     config = bc.load_config_file(_DEMO)
     config.evals = {}
     if arg.retrieval:
@@ -23,7 +37,7 @@ def get_config(arg=None):
     return bc.apply_overrides(config, {
         "batch_size": "16", "total_steps": "6", "log_every": "1", "checkpoint_every": "3",
         "optim.warmup_steps": "2", "data.image_size": "16", "data.prefetch": "1",
-        "model.image.type": "vit", "model.image.variant": "mu/8", "model.image.pool": "gap",
-        "model.image.stem": "patch",
+        **_TOWERS[arg.tower],
         "model.text.variant": "mu", "model.text.pool": "eos", "model.embed_dim": "16",
-        "text.max_len": "12", "text.vocab_size": "256", "tensorboard": "false"})
+        "text.max_len": "12", "text.vocab_size": "256", "tensorboard": "false",
+        "ema_decay": "0"})

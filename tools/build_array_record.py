@@ -27,20 +27,29 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write(source, output: str, num_records: int, shards: int) -> list[str]:
-    """Writes records [0, num_records) round-robin into ``shards`` files; returns their paths."""
+def write(source, output: str, num_records: int, shards: int) -> tuple[list[str], dict]:
+    """Writes the usable records of [0, num_records) round-robin into ``shards`` files; returns
+    their paths and the count of records left out, by reason."""
     paths = [f"{output}-{i:05d}-of-{shards:05d}" for i in range(shards)]
     writers = [array_record_module.ArrayRecordWriter(p, "group_size:1") for p in paths]
+    skipped: dict = {}
+    written = 0
     for index in range(num_records):
         record = source[index]
-        image = transforms.decode_image(record)
+        try:
+            image = transforms.decode_image(record)
+            caption = transforms.clean_caption(record.get("caption", ""))
+        except transforms.CorruptRecordError as e:
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            continue
         labels = {k: int(v) for k, v in record.items()
                   if k not in ("image", "image_path", "caption") and np.ndim(v) == 0}
-        writers[index % shards].write(
-            sources.encode_record(encode_png(image), record["caption"], **labels))
+        writers[written % shards].write(
+            sources.encode_record(encode_png(image), caption, **labels))
+        written += 1
     for w in writers:
         w.close()
-    return paths
+    return paths, skipped
 
 
 def main():
@@ -54,8 +63,11 @@ def main():
     config = config_lib.load_config_file(args.config)
     source = sources.build_source(config.data, args.split)
     n = len(source) if args.num_records is None else min(args.num_records, len(source))
-    paths = write(source, args.output, n, args.shards)
-    print(f"wrote {n:,} records of {source!r} to {len(paths)} shard(s): {args.output}-*")
+    paths, skipped = write(source, args.output, n, args.shards)
+    left_out = sum(skipped.values())
+    print(f"wrote {n - left_out:,} records of {source!r} to {len(paths)} shard(s): "
+          f"{args.output}-*" + (f"; left out {left_out} unusable record(s): " + ", ".join(
+              f"{k} {v}" for k, v in sorted(skipped.items())) if left_out else ""))
 
 
 if __name__ == "__main__":

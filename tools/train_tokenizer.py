@@ -16,12 +16,19 @@ import itertools
 import sentencepiece as spm
 
 from big_contrast import config as config_lib
-from big_contrast.data import sources
+from big_contrast.data import sources, transforms
 
 
 def captions(source, limit: int):
+    """The source's usable captions (rows that are corrupt or whose caption is empty or not
+    UTF-8 are left out)."""
     for index in range(min(len(source), limit)):
-        yield source[index]["caption"]
+        record = source[index]
+        try:
+            if "corrupt" not in record:
+                yield transforms.clean_caption(record.get("caption", ""))
+        except transforms.CorruptRecordError:
+            continue
 
 
 def train(caption_iter, output: str, vocab_size: int, model_type: str = "unigram") -> None:

@@ -1,93 +1,81 @@
 """The training input pipeline: a grain dataset graph feeding global jax.Array batches.
 
-  source -> seeded global shuffle (reshuffled each epoch) -> repeat -> this process's shard
-  -> decode + augment + tokenize (random_map, deterministic per element)
-  -> skip-and-count corrupt records -> batch (this process's slice of the global batch)
-  -> worker processes (mp_prefetch) -> background thread: make_array_from_process_local_data
+  source -> seeded global shuffle (reshuffled each epoch) -> repeat
+  -> decode + augment + tokenize (random_map seeded by the example's position in the global
+     stream, before any slicing) -> this process's slice -> from the saved position on
+  -> worker processes (mp_prefetch, optional)
+  -> background thread: skip and count corrupt records, batch, make_array_from_process_local_data
 
-The iterator state recorded after each delivered batch is what checkpoints store, so a
-resumed run sees exactly the batches an uninterrupted run would have seen.
+A checkpoint stores the position: how many examples this process has read from its slice (kept
+or skipped) and the skip counts by reason. A resumed run rebuilds the graph from that position,
+so it sees exactly the batches an uninterrupted run would have seen, whatever the number of
+worker processes. Workers only decode; batches are assembled in order in the main process.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
+import signal
 import threading
 
 import grain
+import jax
 import numpy as np
 from absl import flags as absl_flags
 
 from big_contrast import sharding
+from big_contrast.config import ConfigError
 from big_contrast.data import sources, transforms
 from big_contrast.data.spec import BatchSpec
 
 log = logging.getLogger(__name__)
 
-SKIPPED_KEY = "_skipped"  # per-example count of corrupt records skipped just before it
-_MAX_CONSECUTIVE_CORRUPT = 1000
+STATE_FORMAT = 1
+_WARN_FIRST = 10  # corrupt records named one by one in the log; later ones are only counted
+_MIN_RECORDS_FOR_LIMIT = 1000
 
 
-class _SkipCorruptIterator(grain.DatasetIterator):
-    def __init__(self, parent):
-        super().__init__(parent)
-
-    def __next__(self):
-        skipped = 0
-        while True:
-            element = next(self._parent)
-            if element is not None:
-                element[SKIPPED_KEY] = np.int32(skipped)
-                return element
-            skipped += 1
-            if skipped >= _MAX_CONSECUTIVE_CORRUPT:
-                raise RuntimeError(f"{skipped} consecutive records could not be decoded; "
-                                   "check the data paths (warnings above name the files)")
-
-    def get_state(self):
-        return self._parent.get_state()
-
-    def set_state(self, state):
-        self._parent.set_state(state)
+class CorruptDataError(RuntimeError):
+    """Too large a fraction of the records read was corrupt to keep training on the rest."""
 
 
-class SkipCorrupt(grain.IterDataset):
-    """Drops the None elements that stand for corrupt records, counting them in SKIPPED_KEY."""
-
-    def __iter__(self):
-        return _SkipCorruptIterator(self._parent.__iter__())
-
-
-def train_dataset(data_config, spec: BatchSpec, tokenizer, local_batch_size: int,
-                  seed: int) -> grain.IterDataset:
-    """This process's stream of training batches (numpy dicts), before device transfer."""
-    source = sources.build_source(data_config, data_config.train_split)
+def example_stream(source, data_config, spec: BatchSpec, tokenizer, seed: int,
+                   start: int = 0) -> grain.IterDataset:
+    """This process's preprocessed examples (corrupt records as markers), from ``start`` on."""
     ds = grain.MapDataset.source(source).seed(seed)
     if data_config.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(None)
+    ds = ds.random_map(transforms.TrainPreprocess(spec, tokenizer, data_config.max_image_pixels))
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    ds = ds[shard.shard_index::shard.shard_count]
-    ds = ds.random_map(transforms.TrainPreprocess(spec, tokenizer))
+    ds = ds[shard.shard_index::shard.shard_count][start:]
     read = grain.ReadOptions(num_threads=data_config.read_threads,
-                             prefetch_buffer_size=max(2 * local_batch_size, 16))
-    ds = SkipCorrupt(ds.to_iter_dataset(read, allow_nones=True))
-    ds = ds.batch(local_batch_size, drop_remainder=True)
+                             prefetch_buffer_size=max(data_config.read_threads * 8, 16))
+    stream = ds.to_iter_dataset(read)
     if data_config.num_workers > 0:
         # grain 0.2.18 workers read an absl flag and fail if flags were never parsed, as in
         # scripts and notebooks that do not run under absl.app (google/grain#1355).
         if not absl_flags.FLAGS.is_parsed():
             absl_flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data_config.num_workers,
-            per_worker_buffer_size=data_config.worker_buffer_size))
-    return ds
+            per_worker_buffer_size=max(data_config.worker_buffer_size * 16, 16)),
+            worker_init_fn=_ignore_ctrl_c)
+    return stream
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """Workers leave Ctrl-C (sent to the whole terminal process group) to the main process,
+    which saves a checkpoint and stops them."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class IteratorState:
-    """A frozen snapshot of a data iterator's state, savable by grain's orbax handler."""
+    """A frozen snapshot of the data position, savable by grain's orbax handler."""
 
     def __init__(self, state: bytes):
         self._state = state
@@ -96,52 +84,105 @@ class IteratorState:
         return self._state
 
 
-class DeviceIterator:
-    """Prefetches global batches on a background thread and tracks the exact data position.
+class TrainBatches:
+    """This process's share of each global training batch, prefetched on a background thread.
 
-    ``next()`` returns (batch of global jax.Arrays, corrupt records skipped for it).
-    ``get_state()`` is the grain state right after the last batch ``next()`` returned, not after
-    whatever the thread has prefetched. ``set_state`` must come before ``start_prefetch``
-    (grain's CheckpointRestore calls both, in that order).
+    ``next()`` returns a dict of global jax.Arrays. ``read`` (examples read, kept or skipped)
+    and ``skipped`` (counts by reason) describe the stream up to the last batch ``next()``
+    returned, not whatever the thread has prefetched; ``get_state``/``set_state`` save and
+    restore them (``set_state`` must come before the first ``next()``; grain's
+    CheckpointRestore calls it). A corrupt fraction above ``data.max_corrupt_fraction`` stops
+    the stream with CorruptDataError.
     """
 
-    def __init__(self, dataset: grain.IterDataset, mesh, prefetch: int = 2):
-        self._iterator = iter(dataset)
+    def __init__(self, data_config, spec: BatchSpec, tokenizer, local_batch_size: int, seed: int,
+                 mesh):
+        try:
+            self._source = sources.build_source(data_config, data_config.train_split,
+                                                captions=spec.text)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data (training split {data_config.train_split!r}): {e}") from None
+        self._config = data_config
+        self._spec, self._tokenizer, self._seed = spec, tokenizer, seed
+        self._batch_size = local_batch_size
         self._mesh = mesh
-        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-        self._state = self._encode(self._iterator.get_state())
+        self._max_fraction = data_config.max_corrupt_fraction
+        size = sources.num_examples(self._source)
+        per_process = None if size is None else -(-size // jax.process_count())
+        self._min_records = min(_MIN_RECORDS_FOR_LIMIT, per_process or _MIN_RECORDS_FOR_LIMIT)
+        self.read = 0
+        self.skipped: dict[str, int] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=max(data_config.prefetch, 1))
         self._thread: threading.Thread | None = None
+        self._stream = None
         self._stop = threading.Event()
 
-    @staticmethod
-    def _encode(state) -> bytes:
-        return json.dumps(state).encode()
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    # ------------------------------------------------------------------ position (checkpoints)
 
     def get_state(self) -> bytes:
-        return self._state
+        return json.dumps({"format": STATE_FORMAT, "read": self.read,
+                           "skipped": self.skipped}).encode()
 
     def snapshot(self) -> IteratorState:
-        return IteratorState(self._state)
+        return IteratorState(self.get_state())
 
     def set_state(self, state: bytes) -> None:
         if self._thread is not None:
             raise RuntimeError("set_state after prefetching started would lose batches")
-        self._iterator.set_state(json.loads(state))
-        self._state = state
+        decoded = json.loads(state)
+        if not isinstance(decoded, dict) or decoded.get("format") != STATE_FORMAT:
+            raise ValueError(f"data position in an unknown format (expected format "
+                             f"{STATE_FORMAT}): {str(decoded)[:200]}")
+        self.read, self.skipped = int(decoded["read"]), dict(decoded["skipped"])
+
+    # ------------------------------------------------------------------ the prefetch thread
 
     def start_prefetch(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._produce, daemon=True, name="device-prefetch")
+            self._thread = threading.Thread(target=self._produce, daemon=True,
+                                            name="train-batches")
             self._thread.start()
+
+    def _check_fraction(self, read: int, skipped: collections.Counter) -> None:
+        total = sum(skipped.values())
+        if read >= self._min_records and total > self._max_fraction * read:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+            raise CorruptDataError(
+                f"{total} of the {read} records read ({total / read:.0%}) were corrupt and "
+                f"skipped ({counts}), more than data.max_corrupt_fraction="
+                f"{self._max_fraction:g}; fix the data (the log names the first files) or "
+                "raise the limit")
 
     def _produce(self):
         try:
+            self._stream = stream = iter(example_stream(self._source, self._config, self._spec,
+                                                        self._tokenizer, self._seed, self.read))
+            read, skipped, warned = self.read, collections.Counter(self.skipped), 0
             while not self._stop.is_set():
-                host_batch = next(self._iterator)
-                skipped = int(np.sum(host_batch.pop(SKIPPED_KEY)))
-                state = self._encode(self._iterator.get_state())
+                examples = []
+                while len(examples) < self._batch_size:
+                    element = next(stream)
+                    read += 1
+                    if transforms.CORRUPT_KEY in element:
+                        skipped[element[transforms.CORRUPT_KEY]] += 1
+                        if warned < _WARN_FIRST:
+                            warned += 1
+                            log.warning("skipping corrupt record (%s): %s%s",
+                                        element[transforms.CORRUPT_KEY],
+                                        element[transforms.DETAIL_KEY],
+                                        "; later ones are only counted" if warned == _WARN_FIRST
+                                        else "")
+                        self._check_fraction(read, skipped)
+                        continue
+                    examples.append(element)
+                self._check_fraction(read, skipped)
+                host_batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
                 batch = sharding.to_global_batch(host_batch, self._mesh)
-                self._put((batch, skipped, state))
+                self._put((batch, read, dict(skipped)))
         except BaseException as e:  # hand errors (and StopIteration) to the consumer
             self._put(e)
 
@@ -156,15 +197,18 @@ class DeviceIterator:
     def __iter__(self):
         return self
 
-    def __next__(self):
+    def __next__(self) -> dict:
         self.start_prefetch()
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        batch, skipped, self._state = item
-        return batch, skipped
+        batch, self.read, self.skipped = item
+        return batch
 
     def close(self):
+        """Stops the prefetch thread and the grain iterator (and its worker processes)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=30)
+        if self._stream is not None and hasattr(self._stream, "close"):
+            self._stream.close()

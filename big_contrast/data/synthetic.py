@@ -33,11 +33,6 @@ HELDOUT_COMBOS = tuple((s, (3 * s + 1) % len(COLOURS)) for s in range(len(SHAPES
 
 SPLITS = {"train": 0, "val": 1, "heldout_combos": 2}
 
-# Prompt templates for zero-shot classification of this world's label fields, phrased the way
-# captions are (a model trained on this world has never seen other wording).
-PROMPT_TEMPLATES = ("a {}", "there is a {}", "a picture of a {}")
-CLASS_NAMES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
-
 _RGB = np.array([
     (220, 40, 40),    # red
     (245, 140, 20),   # orange
@@ -269,6 +264,34 @@ def _pair_caption(rng, a: _Object, b: _Object, grey: bool) -> str:
     if rng.random() < 0.5:
         text = "two shapes: " + text
     return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- zero-shot prompts
+
+
+def _with_article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+# Zero-shot prompts for each label field: class phrases (indexed by the label) and templates,
+# worded exactly as single-object captions are, so every prompt is a caption this world can
+# produce (a model trained on it has seen no other wording). Captions name a colour-free object
+# only by its shape, so size and position prompts are ensembled over the eight shapes; a
+# colour comes with its article ("an orange") because captions say "an orange shape".
+PROMPTS = {
+    "shape": (SHAPES, ("a {}", "there is a {}", "a picture of a {}")),
+    "colour": (tuple(_with_article(c) for c in COLOURS),
+               tuple(f"{lead}{{}} {noun}" for lead in ("", "there is ", "a picture of ")
+                     for noun in ("shape", "object", "thing"))),
+    "size": (SIZES, tuple(f"{lead}a {{}} {shape}" for lead in ("", "there is ", "a picture of ")
+                          for shape in SHAPES)),
+    "position": (tuple(_POSITION_WORDS[p][0] for p in POSITIONS),
+                 tuple(t.format(shape=_with_article(shape)) for shape in SHAPES
+                       for t in ("{shape} {{}}", "there is {shape} {{}}", "{{}}, {shape}",
+                                 "a picture of {shape} {{}}"))),
+}
+CLASS_NAMES = {label: names for label, (names, _) in PROMPTS.items()}
+PROMPT_TEMPLATES = {label: templates for label, (_, templates) in PROMPTS.items()}
 
 
 # ----------------------------------------------------------------------------- the world

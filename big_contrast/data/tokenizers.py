@@ -110,6 +110,9 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids if int(i) >= _NUM_SPECIAL])
 
 
+TOKENIZERS = ("words", "bytes", "sentencepiece")
+
+
 def get_tokenizer(name: str, max_len: int, vocab_size: int = 8192,
                   model_path: str | None = None) -> Tokenizer:
     """Builds a tokenizer from config values: 'words', 'bytes' or 'sentencepiece'."""

@@ -1,14 +1,18 @@
 """Per-example preprocessing on host workers: decode, crops, flips, tokenization.
 
 Everything here is numpy/PIL and picklable, so grain can run it in worker processes. The
-grain transforms at the bottom turn a raw record into exactly the fields a BatchSpec asks for;
-a record whose image cannot be decoded becomes None, which the pipeline skips and counts.
+grain transforms at the bottom turn a raw record into exactly the fields a BatchSpec asks for.
+A record that cannot be used (missing or undecodable image, an image too large to decode
+safely, an empty or non-UTF-8 caption) becomes a marker ``{CORRUPT_KEY: reason, DETAIL_KEY:
+message}`` in training, so the pipeline can skip it and count it by reason, and None in
+evaluation.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import warnings
 
 import grain
 import numpy as np
@@ -18,34 +22,85 @@ from big_contrast.data.spec import BatchSpec
 
 log = logging.getLogger(__name__)
 
+CORRUPT_KEY = "_corrupt"  # marks an element that stands for a skipped record
+DETAIL_KEY = "_corrupt_detail"
+
+# PIL's default limit: larger images are refused before decoding, so a header that claims
+# 50,000 x 50,000 pixels costs nothing.
+DEFAULT_MAX_PIXELS = 89_478_485
+
 
 class CorruptRecordError(ValueError):
-    """A record whose image is missing or cannot be decoded."""
+    """A record that cannot be used. ``reason`` (the pipeline counts each separately):
+    missing_file, undecodable_image, image_too_large, empty_caption, caption_not_utf8 or
+    bad_row."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
-def decode_image(record: dict) -> np.ndarray:
+def _open_checked(file, max_pixels: int) -> np.ndarray:
+    """Decodes an encoded image after checking its header's pixel count against max_pixels
+    (PIL's own bomb check is set to the same limit, so max_pixels may also exceed PIL's)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(file) as pil:
+            width, height = pil.size
+            if width * height > max_pixels:
+                raise CorruptRecordError("image_too_large", f"{width} x {height} pixels exceed "
+                                         f"data.max_image_pixels={max_pixels:,}")
+            return np.asarray(pil.convert("RGB"))
+
+
+def decode_image(record: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The record's image as uint8 RGB [H, W, 3], from 'image' (array or encoded bytes) or
-    'image_path'."""
+    'image_path'; raises CorruptRecordError with the reason when it cannot."""
+    if "corrupt" in record:  # a source-level problem, e.g. a manifest row that does not parse
+        raise CorruptRecordError("bad_row", str(record["corrupt"]))
+    where = record.get("image_path", "<bytes>")
     try:
         if "image" in record and isinstance(record["image"], np.ndarray) and record["image"].ndim == 3:
             image = record["image"]
         elif "image" in record:  # encoded bytes (TFDS / ArrayRecord)
-            with Image.open(io.BytesIO(record["image"])) as pil:
-                image = np.asarray(pil.convert("RGB"))
+            image = _open_checked(io.BytesIO(record["image"]), max_pixels)
         elif "image_path" in record:
-            with Image.open(record["image_path"]) as pil:
-                image = np.asarray(pil.convert("RGB"))
+            image = _open_checked(record["image_path"], max_pixels)
         else:
-            raise CorruptRecordError(f"record has no 'image' or 'image_path' field: {sorted(record)}")
+            raise CorruptRecordError("bad_row", f"record has no 'image' or 'image_path' field: "
+                                     f"{sorted(record)}")
     except CorruptRecordError:
         raise
+    except FileNotFoundError as e:
+        raise CorruptRecordError("missing_file", f"image file {where} does not exist") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CorruptRecordError("image_too_large", f"image {where}: {e}") from e
     except Exception as e:  # PIL raises many types for truncated or foreign files
-        where = record.get("image_path", "<bytes>")
-        raise CorruptRecordError(f"cannot decode image {where}: {type(e).__name__}: {e}") from e
+        raise CorruptRecordError("undecodable_image",
+                                 f"cannot decode image {where}: {type(e).__name__}: {e}") from e
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise CorruptRecordError(f"image has shape {image.shape} and dtype {image.dtype}, "
-                                 "expected uint8 [H, W, 3]")
+        raise CorruptRecordError("undecodable_image", f"image has shape {image.shape} and dtype "
+                                 f"{image.dtype}, expected uint8 [H, W, 3]")
     return image
+
+
+def clean_caption(caption) -> str:
+    """The caption as non-empty UTF-8 text; raises CorruptRecordError otherwise."""
+    try:
+        if isinstance(caption, bytes):
+            caption = caption.decode("utf-8")
+        caption.encode("utf-8")  # lone surrogates: bytes that were not UTF-8 in the file
+    except UnicodeError as e:
+        raise CorruptRecordError("caption_not_utf8", f"caption is not UTF-8 text: {e}") from e
+    if not caption.strip():
+        raise CorruptRecordError("empty_caption", "caption is empty")
+    return caption
+
+
+def corrupt_marker(error: CorruptRecordError) -> dict:
+    """The element that stands for a skipped record in the training stream."""
+    return {CORRUPT_KEY: error.reason, DETAIL_KEY: str(error)}
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -82,20 +137,21 @@ def random_resized_crop(image: np.ndarray, size: int, scale: tuple[float, float]
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
-    """Raw record -> {image views, 'text', labels} per the BatchSpec, or None if corrupt."""
+    """Raw record -> {image views, 'text', labels} per the BatchSpec, or a corrupt marker."""
 
-    def __init__(self, spec: BatchSpec, tokenizer=None):
+    def __init__(self, spec: BatchSpec, tokenizer=None, max_pixels: int = DEFAULT_MAX_PIXELS):
         if spec.text and tokenizer is None:
             raise ValueError("the batch spec asks for text but no tokenizer was given")
         self.spec = spec
         self.tokenizer = tokenizer
+        self.max_pixels = max_pixels
 
     def random_map(self, record: dict, rng: np.random.Generator):
         try:
-            image = decode_image(record)
+            image = decode_image(record, self.max_pixels)
+            caption = clean_caption(record.get("caption", "")) if self.spec.text else None
         except CorruptRecordError as e:
-            log.warning("skipping corrupt record: %s", e)
-            return None
+            return corrupt_marker(e)
         out = {}
         for key, view in zip(self.spec.image_keys(), self.spec.views):
             crop = random_resized_crop(image, view.size, view.crop_scale, rng)
@@ -103,7 +159,7 @@ class TrainPreprocess(grain.transforms.RandomMap):
                 crop = crop[:, ::-1]
             out[key] = np.ascontiguousarray(crop)
         if self.spec.text:
-            out["text"] = self.tokenizer.encode(record["caption"])
+            out["text"] = self.tokenizer.encode(caption)
         for label in self.spec.labels:
             out[label] = np.int32(record[label])
         return out
@@ -112,20 +168,23 @@ class TrainPreprocess(grain.transforms.RandomMap):
 class EvalPreprocess(grain.transforms.Map):
     """Raw record -> {'image' (central view), 'text', requested labels}, or None if corrupt."""
 
-    def __init__(self, image_size: int, tokenizer=None, labels: tuple[str, ...] = ()):
+    def __init__(self, image_size: int, tokenizer=None, labels: tuple[str, ...] = (),
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.image_size = image_size
         self.tokenizer = tokenizer
         self.labels = labels
+        self.max_pixels = max_pixels
 
     def map(self, record: dict):
         try:
-            image = decode_image(record)
+            image = decode_image(record, self.max_pixels)
+            caption = clean_caption(record.get("caption", "")) if self.tokenizer else None
         except CorruptRecordError as e:
-            log.warning("skipping corrupt record: %s", e)
+            log.warning("skipping record in evaluation: %s", e)
             return None
         out = {"image": center_crop(image, self.image_size)}
         if self.tokenizer is not None:
-            out["text"] = self.tokenizer.encode(record["caption"])
+            out["text"] = self.tokenizer.encode(caption)
         for label in self.labels:
             out[label] = np.int32(record[label])
         return out

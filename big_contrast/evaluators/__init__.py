@@ -1,7 +1,8 @@
 """Evaluators declared in the config: ``config.evals.<name> = {type, every, **options}``.
 
-Each evaluator's ``run(params, model_state)`` returns {metric: value}; the trainer logs them
-as '<name>/<metric>' every ``every`` steps and after the last step.
+An evaluator is built as ``cls(embedder, data_config, tokenizer, name, **options)``, its
+options being its keyword-only arguments; ``run(params, model_state)`` returns {metric: value},
+which the trainer logs as '<name>/<metric>' every ``every`` steps and after the last step.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ class ScheduledEvaluator:
 
 
 def _options(name: str, cls, options: dict) -> dict:
-    accepted = [p for p, spec in inspect.signature(cls).parameters.items()
-                if spec.kind == inspect.Parameter.KEYWORD_ONLY]
+    """The options, checked against the evaluator's keyword-only arguments."""
+    params = inspect.signature(cls).parameters.values()
+    accepted = [p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
     for key in options:
         if key not in accepted:
             raise ConfigError(f"unknown option 'evals.{name}.{key}' for a {cls.__name__} "
                               f"evaluator{closest_suggestion(key, accepted)}; "
                               f"options: {', '.join(accepted)}")
+    for p in params:
+        required = p.kind == inspect.Parameter.KEYWORD_ONLY and p.default is p.empty
+        if required and p.name not in options:
+            raise ConfigError(f"evals.{name}.{p.name} is required for a {cls.__name__} evaluator")
     return options
 
 
@@ -49,7 +55,13 @@ def build_evaluators(evals_config, objective, mesh, data_config, tokenizer,
             raise ConfigError(f"evals.{name}.type is {kind!r}{closest_suggestion(str(kind), EVALUATORS)}; "
                               f"types: {', '.join(EVALUATORS)}")
         cls = EVALUATORS[kind]
-        evaluator = cls(embedder, data_config, tokenizer, **_options(name, cls, options))
+        options = _options(name, cls, options)
+        try:
+            evaluator = cls(embedder, data_config, tokenizer, name, **options)
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as e:  # its data: say which evaluator reads it
+            raise ConfigError(f"evals.{name} ({kind}): {e}") from e
         scheduled.append(ScheduledEvaluator(name, int(every), evaluator))
     return scheduled
 

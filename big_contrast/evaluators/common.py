@@ -11,40 +11,80 @@ import jax
 import numpy as np
 
 from big_contrast import sharding
+from big_contrast.config import ConfigError, closest_suggestion
 from big_contrast.data import sources, transforms
 
 log = logging.getLogger(__name__)
 
 
 class _FieldsEqual(grain.transforms.Filter):
-    """Keeps records whose label fields equal the given values, e.g. {'num_objects': 1}."""
+    """Keeps records whose label fields equal the given values, e.g. {'num_objects': 1}, and
+    corrupt records (the preprocessing skips and logs those)."""
 
     def __init__(self, where: dict):
         self.where = dict(where)
 
     def filter(self, record) -> bool:
-        return all(int(record[k]) == v for k, v in self.where.items())
+        return "corrupt" in record or all(int(record[k]) == v for k, v in self.where.items())
 
 
-def load_examples(data_config, split: str, num_examples: int, tokenizer=None,
-                  labels: tuple[str, ...] = (), where: dict | None = None):
-    """The first ``num_examples`` decodable records of a split (after the ``where`` filter),
-    preprocessed for evaluation and stacked into numpy arrays. Returns (arrays, source)."""
-    source = sources.build_source(data_config, split)
+# Sources that read files: an evaluator that switches to one of them needs its own path.
+_NEEDS_PATH = ("manifest", "image_folder", "array_record")
+
+
+def override_data(data_config, name: str, **options):
+    """``data_config`` with an evaluator's own dataset options (those not None: source, path,
+    image_key, caption_key) in place of the training data's, so it can read another dataset."""
+    given = {key: value for key, value in options.items() if value is not None}
+    if not given:
+        return data_config
+    kind = given.get("source", data_config.source)
+    if kind not in sources.SOURCES:
+        raise ConfigError(f"evals.{name}.source is {kind!r}"
+                          f"{closest_suggestion(str(kind), sources.SOURCES)}; "
+                          f"sources: {', '.join(sources.SOURCES)}")
+    if kind != data_config.source and kind in _NEEDS_PATH and "path" not in given:
+        raise ConfigError(f"evals.{name}.path is not set: a {kind!r} source needs the path of "
+                          "its files (data.path is the training data's)")
+    config = data_config.copy_and_resolve_references()
+    config.update(given)
+    return config
+
+
+def _sample_record(source, tries: int = 100):
+    """The first readable record among the first ``tries``, or None."""
+    for index in range(min(len(source), tries)):
+        record = source[index]
+        if "corrupt" not in record:
+            return record
+    return None
+
+
+def load_examples(source, image_size: int, num_examples: int, tokenizer=None,
+                  labels: tuple[str, ...] = (), where: dict | None = None,
+                  max_pixels: int = transforms.DEFAULT_MAX_PIXELS) -> dict:
+    """``num_examples`` decodable records of a source (after the ``where`` filter), preprocessed
+    for evaluation and stacked into numpy arrays. A finite source with more records gives a
+    fixed random subset, not its first records (which may all be of the first classes)."""
+    sample = _sample_record(source)
+    needed = [*labels, *(where or {}), *(["caption"] if tokenizer is not None else [])]
+    missing = sorted({k for k in needed if sample is not None and k not in sample})
+    if missing:
+        raise ValueError(f"records of {source!r} have no field(s) {missing}; their fields are "
+                         f"{sorted(sample)}")
     ds = grain.MapDataset.source(source)
+    if sources.num_examples(source) is not None and len(source) > num_examples:
+        ds = ds.shuffle(seed=0)
     if where:
-        missing = set(where) - set(source[0])
-        if missing:
-            raise ValueError(f"eval filter fields {sorted(missing)} are not in {split!r} records")
         ds = ds.filter(_FieldsEqual(where))
-    ds = ds.map(transforms.EvalPreprocess(data_config.image_size, tokenizer, labels))
+    ds = ds.map(transforms.EvalPreprocess(image_size, tokenizer, labels, max_pixels))
     examples = list(itertools.islice(ds.to_iter_dataset(), num_examples))
     if not examples:
-        raise ValueError(f"split {split!r} of {source!r} has no usable examples")
+        raise ValueError(f"{source!r} has no usable examples")
     if len(examples) < num_examples:
-        log.warning("split %r has only %d usable examples (asked for %d)", split,
-                    len(examples), num_examples)
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}, source
+        log.warning("%r has only %d usable examples (asked for %d)", source, len(examples),
+                    num_examples)
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 class Embedder:

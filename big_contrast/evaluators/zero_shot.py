@@ -3,12 +3,15 @@ template embeddings are averaged (prompt ensembling) and images take the nearest
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from big_contrast.config import ConfigError
 from big_contrast.data import sources
 from big_contrast.evaluators import common
 
-# Used when neither the config nor the source names templates.
+# Used when neither the config nor the source names templates (e.g. for your own images).
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 
 
@@ -20,35 +23,68 @@ def class_embeddings(embedder, params, model_state, tokenizer, class_names, temp
     return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 
 
+def _configured_names(name: str, class_names, class_names_file):
+    """Class names from the evaluator config (a list, or a file of one name per line), or None."""
+    if class_names and class_names_file:
+        raise ConfigError(f"evals.{name}: set class_names or class_names_file, not both")
+    if not class_names_file:
+        return tuple(str(n) for n in class_names) if class_names else None
+    if not os.path.isfile(class_names_file):
+        raise ConfigError(f"evals.{name}.class_names_file: no file {class_names_file!r}")
+    with open(class_names_file, encoding="utf-8") as f:
+        names = tuple(line.strip() for line in f if line.strip())
+    if not names:
+        raise ConfigError(f"evals.{name}.class_names_file: {class_names_file!r} names no classes")
+    return names
+
+
 class ZeroShotClassification:
     """Top-1 (and top-k) accuracy of prompt-ensembled zero-shot classification.
 
     Args:
       split: the split to classify (e.g. 'val', 'heldout_combos').
-      label_key: the record field holding the class index.
-      num_examples: how many (filtered) examples to evaluate.
-      class_names: names indexed by label; default: the source's names for ``label_key``.
+      label_key: the record field holding the class (a manifest's label column: class indices
+        or class names; an image folder's is 'label').
+      num_examples: how many (filtered) examples to evaluate (a fixed random subset when the
+        split is larger).
+      class_names: names indexed by label; default: the source's names for ``label_key``
+        (the synthetic world's, an image folder's, or a manifest's sorted label names).
+      class_names_file: a text file of class names, one per line, instead of class_names.
       templates: prompt templates with one '{}'; default: the source's, else generic ones.
       where: keep only records whose fields equal these values, e.g. {'num_objects': 1}
         (single-object images, where one shape label is the whole truth).
+      source, path, image_key: read this evaluator's images from another dataset than
+        training's (``data.*`` otherwise), e.g. source='image_folder', path='/data/pets/{split}'.
     """
 
-    def __init__(self, embedder, data_config, tokenizer, *, split: str, label_key: str,
-                 num_examples: int = 1000, class_names=None, templates=None, where=None,
-                 top_k: int = 1):
+    def __init__(self, embedder, data_config, tokenizer, name: str = "zero_shot", *, split: str,
+                 label_key: str = "label", num_examples: int = 1000, class_names=None,
+                 class_names_file=None, templates=None, where=None, top_k: int = 1, source=None,
+                 path=None, image_key=None):
         self.embedder = embedder
         self.tokenizer = tokenizer
-        self.data, source = common.load_examples(data_config, split, num_examples,
-                                                 labels=(label_key,), where=where)
+        configured = _configured_names(name, class_names, class_names_file)
+        data_config = common.override_data(data_config, name, source=source, path=path,
+                                           image_key=image_key)
+        dataset = sources.build_source(data_config, split, captions=False, label_key=label_key,
+                                       class_names=configured)
+        self.data = common.load_examples(dataset, data_config.image_size, num_examples,
+                                         labels=(label_key,), where=where,
+                                         max_pixels=data_config.max_image_pixels)
         self.labels = self.data[label_key]
-        self.class_names = tuple(class_names or sources.class_names(source, label_key) or ())
+        self.class_names = configured or sources.class_names(dataset, label_key)
         if not self.class_names:
-            raise ValueError(f"zero-shot on {split!r}: the source names no classes for "
-                             f"{label_key!r}; set class_names in the evaluator config")
-        if self.labels.max() >= len(self.class_names):
-            raise ValueError(f"label {self.labels.max()} has no class name "
-                             f"({len(self.class_names)} names given)")
-        self.templates = tuple(templates or sources.prompt_templates(source) or DEFAULT_TEMPLATES)
+            raise ConfigError(f"evals.{name}: {dataset!r} names no classes for {label_key!r}; "
+                              "set class_names or class_names_file")
+        if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
+            raise ValueError(f"labels run from {self.labels.min()} to {self.labels.max()}, but "
+                             f"{len(self.class_names)} class names give indices "
+                             f"0..{len(self.class_names) - 1}")
+        self.templates = tuple(templates or sources.prompt_templates(dataset, label_key)
+                               or DEFAULT_TEMPLATES)
+        bad = [t for t in self.templates if t.count("{}") != 1]
+        if bad:
+            raise ConfigError(f"evals.{name}.templates: each needs exactly one '{{}}'; got {bad}")
         self.top_k = top_k
 
     def run(self, params, model_state) -> dict:

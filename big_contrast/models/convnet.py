@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from big_contrast.models import transformer
-from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range
+from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range, pool_tokens
 
 
 def parse_stages(variant: str) -> list[tuple[int, int]]:
@@ -46,13 +46,18 @@ class ConvNet(nn.Module):
       norm: 'batch' (BatchNorm after each conv: statistics of the global batch under jit,
         running averages at evaluation, in the 'batch_stats' collection) or 'none'.
       coord_channels: append normalised (y, x) coordinates to the input pixels.
-    Returns (pooled [B, C_last] = mean over positions, tokens [B, H'W', C_last]).
+      bn_momentum: decay of the running batch statistics used at evaluation.
+      pool: how the last feature map becomes one vector: 'gap', 'max' or 'gap_max'
+        (image_layers.pool_tokens).
+    Returns (pooled [B, C_last] (2 C_last for 'gap_max'), tokens [B, H'W', C_last]).
     """
 
     variant: str = "16,32,64"
     stem: str = "none"
     norm: str = "batch"
     coord_channels: bool = True
+    pool: str = "gap"
+    bn_momentum: float = 0.9
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -81,7 +86,7 @@ class ConvNet(nn.Module):
                                 nn.initializers.he_normal(), (None, None, None, None)),
                             bias_init=transformer.zeros_init((None,)))(x)
                 if self.norm == "batch":
-                    x = batch_norm(train, momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+                    x = batch_norm(train, momentum=self.bn_momentum, epsilon=1e-5, name=f"{name}_bn")(x)
                 x = nn.relu(x)
         tokens = x.reshape(batch, -1, x.shape[-1])
-        return tokens.mean(axis=1), tokens
+        return pool_tokens(tokens, self.pool), tokens

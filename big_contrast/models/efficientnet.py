@@ -10,9 +10,10 @@ import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range
+from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range, pool_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +86,50 @@ _DEPTHWISE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 _CONV_NAMES = (None, None, None, None)  # channel counts like 24 or 40 divide no mesh axis
 
 
-def _conv(features, kernel, name, strides=1, groups=1, use_bias=False):
-    init = _DEPTHWISE_INIT if groups > 1 else _CONV_INIT
+def _conv(features, kernel, name, strides=1, use_bias=False):
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
-                   feature_group_count=groups, use_bias=use_bias, name=name,
-                   kernel_init=nn.with_logical_partitioning(init, _CONV_NAMES),
+                   use_bias=use_bias, name=name,
+                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, _CONV_NAMES),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+
+
+def depthwise_conv_shifted(x, kernel, stride: int):
+    """Depthwise convolution with TF 'SAME' padding as a sum of kh * kw shifted, strided
+    products. XLA:CPU lowers a grouped convolution to a slow generic loop; this form runs
+    3-5x faster there (benchmarks/depthwise_conv.py) and gives the same numbers."""
+    kh, kw = kernel.shape[:2]
+    height, width = x.shape[1:3]
+    out_h, out_w = -(-height // stride), -(-width // stride)
+    pad_h = max((out_h - 1) * stride + kh - height, 0)
+    pad_w = max((out_w - 1) * stride + kw - width, 0)
+    x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                    (0, 0)))
+    out = 0
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+            out = out + window * kernel[i, j, 0]
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise k x k convolution (no bias), kernel [k, k, 1, C] as nn.Conv stores it (so
+    checkpoints do not depend on the platform): shifted products on CPU, XLA's grouped
+    convolution on accelerators, where it is the fast form."""
+
+    kernel_size: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        kernel = self.param("kernel", nn.with_logical_partitioning(_DEPTHWISE_INIT, _CONV_NAMES),
+                            (self.kernel_size, self.kernel_size, 1, channels)).astype(x.dtype)
+        if jax.default_backend() == "cpu":
+            return depthwise_conv_shifted(x, kernel, self.strides)
+        return jax.lax.conv_general_dilated(
+            x, kernel, (self.strides, self.strides), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
 class MBConv(nn.Module):
@@ -117,7 +156,7 @@ class MBConv(nn.Module):
         if self.expand_ratio != 1:
             x = _conv(hidden, 1, "expand_conv")(x)
             x = nn.swish(bn("expand_bn")(x))
-        x = _conv(hidden, self.kernel, "depthwise_conv", strides=self.stride, groups=hidden)(x)
+        x = DepthwiseConv(self.kernel, self.stride, name="depthwise_conv")(x)
         x = nn.swish(bn("depthwise_bn")(x))
 
         squeezed = max(1, int(in_features * SE_RATIO))
@@ -145,6 +184,12 @@ class EfficientNet(nn.Module):
       bn_momentum, bn_epsilon: BatchNorm settings (running statistics live in 'batch_stats',
         so train=True needs mutable=['batch_stats']).
       remat: rematerialise each MBConv block in the backward pass (saves activation memory).
+      stem_stride: 2 as in the paper; 1 keeps the full resolution for small images (32 px
+        inputs would otherwise shrink to a 1 x 1 map).
+      pool: 'gap' (the paper), 'max' or 'gap_max' (image_layers.pool_tokens).
+      max_stride: a cap on the total stride (DeepLab's "output stride"): a stage that would
+        pass it keeps the resolution instead. None: the paper's 32, which leaves a 32 px image
+        a 1 x 1 map where shapes are lost; 8 keeps a 4 x 4 map.
     Takes images [B, H, W, 3] (uint8, or floats already in [-1, 1]); returns
     (pooled [B, C_head], tokens [B, H' * W', C_head]); tokens feed captioning decoders.
     """
@@ -154,6 +199,9 @@ class EfficientNet(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     remat: bool = False
+    stem_stride: int = 2
+    pool: str = "gap"
+    max_stride: int | None = None
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -163,15 +211,18 @@ class EfficientNet(nn.Module):
         block_cls = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
 
         x = pixels_to_unit_range(images)
-        x = _conv(round_filters(STEM_CHANNELS, coeffs.width), 3, "stem_conv", strides=2)(x)
+        x = _conv(round_filters(STEM_CHANNELS, coeffs.width), 3, "stem_conv", strides=self.stem_stride)(x)
         x = nn.swish(bn("stem_bn")(x))
 
         stages = [(expand, round_filters(channels, coeffs.width),
                    round_repeats(repeats, coeffs.depth), stride, kernel)
                   for expand, channels, repeats, stride, kernel in B0_STAGES]
         num_blocks = sum(stage[2] for stage in stages)
-        index = 0
+        index, total_stride = 0, self.stem_stride
         for s, (expand, channels, repeats, stride, kernel) in enumerate(stages):
+            if self.max_stride is not None and total_stride * stride > self.max_stride:
+                stride = 1
+            total_stride *= stride
             for r in range(repeats):
                 x = block_cls(expand, channels, stride if r == 0 else 1, kernel,
                               drop_rate=self.drop_connect_rate * index / num_blocks,
@@ -182,4 +233,5 @@ class EfficientNet(nn.Module):
         x = _conv(round_filters(HEAD_CHANNELS, coeffs.width), 1, "head_conv")(x)
         x = nn.swish(bn("head_bn")(x))
         batch, _, _, channels = x.shape
-        return jnp.mean(x, axis=(1, 2)), x.reshape(batch, -1, channels)
+        tokens = x.reshape(batch, -1, channels)
+        return pool_tokens(tokens, self.pool), tokens

@@ -7,6 +7,9 @@ import flax.linen as nn
 from big_contrast.models import transformer
 
 
+PROJECTIONS = ("linear", "mlp", "none")
+
+
 class Projection(nn.Module):
     """'linear' (bias-free matrix, CLIP/ALIGN), 'mlp' (Dense-GELU-Dense) or 'none' (identity)."""
 

@@ -1,4 +1,5 @@
-"""Pieces every image tower shares: pixel scaling and a logically-named BatchNorm."""
+"""Pieces every image tower shares: pixel scaling, a logically-named BatchNorm and the pooling
+of a convolutional feature map."""
 
 from __future__ import annotations
 
@@ -20,3 +21,19 @@ def batch_norm(train: bool, momentum: float, epsilon: float, name: str) -> nn.Ba
         use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+
+
+POOLS = ("gap", "max", "gap_max")
+
+
+def pool_tokens(tokens, kind: str):
+    """[B, N, C] feature-map positions -> [B, C] ('gap': mean, 'max') or [B, 2C] ('gap_max':
+    both, concatenated: the mean keeps layout and background, the max the strongest local
+    evidence, e.g. the notch that tells a small heart from a circle)."""
+    if kind == "gap":
+        return tokens.mean(axis=1)
+    if kind == "max":
+        return tokens.max(axis=1)
+    if kind == "gap_max":
+        return jnp.concatenate([tokens.mean(axis=1), tokens.max(axis=1)], axis=-1)
+    raise ValueError(f"pool must be one of {POOLS}, got {kind!r}")

@@ -16,14 +16,22 @@ from big_contrast.models.text import TextTransformer
 from big_contrast.models.vit import ViT
 
 
+IMAGE_TOWERS = ("vit", "convnet", "efficientnet")
+
+
 def build_image_tower(cfg) -> nn.Module:
-    """cfg: {type: 'vit' | 'convnet' | 'efficientnet', variant, pool and stem (vit only), remat}."""
+    """cfg: {type: 'vit' | 'convnet' | 'efficientnet', variant, pool, stem, norm, bn_momentum,
+    drop_connect, remat}; validation.py says which values each type takes."""
     if cfg.type == "vit":
         return ViT(cfg.variant, pool=cfg.pool, stem=cfg.stem, remat=cfg.remat)
     if cfg.type == "convnet":
-        return ConvNet(cfg.variant, stem=cfg.stem, norm=cfg.norm)
+        momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
+        return ConvNet(cfg.variant, stem=cfg.stem, norm=cfg.norm, pool=cfg.pool, **momentum)
     if cfg.type == "efficientnet":
-        return EfficientNet(cfg.variant, remat=cfg.remat)
+        momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
+        return EfficientNet(cfg.variant, remat=cfg.remat, stem_stride=int(cfg.stem[-1]),
+                            pool=cfg.pool, drop_connect_rate=cfg.drop_connect,
+                            max_stride=cfg.max_stride, **momentum)
     raise ValueError(f"unknown image tower {cfg.type!r}; choose 'vit', 'convnet' or 'efficientnet'")
 
 
