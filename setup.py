@@ -27,5 +27,5 @@ setup(
         "msgpack>=1.0",
         "absl-py>=2.0",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pycocoevalcap>=1.2"]},  # CIDEr-D reference
 )

@@ -180,12 +180,7 @@ class Evaluate:
         due = [e for e in self.evaluators if e.due(step, self.total_steps)
                and (only is None or e.name in only)]
         began = time.perf_counter()
-        results = {}
-        for which in self.weights:
-            params, model_state = evaluation_weights(state, which)
-            prefix = "ema/" if which == "ema" else ""
-            results.update({prefix + k: v for k, v in
-                            evaluators_lib.run_all(due, params, model_state).items()})
+        results = run_evaluations(due, state, self.weights)
         self.results.update(results)
         self.writer.write(step, results)
         print("  eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()), flush=True)
@@ -196,6 +191,22 @@ class Evaluate:
 
     def missing(self, step: int, recorded) -> set[str]:
         return unfinished(self.evaluators, step, self.total_steps, recorded)
+
+
+def run_evaluations(evaluators, state, weights: tuple[str, ...]) -> dict:
+    """Every evaluator on each of ``weights`` ('online', 'ema': results prefixed 'ema/');
+    samples they keep (generated captions) are printed under the same prefix."""
+    results = {}
+    for which in weights:
+        params, model_state = evaluation_weights(state, which)
+        prefix = "ema/" if which == "ema" else ""
+
+        def show(line, prefix=prefix):
+            print(f"  {prefix}{line}", flush=True)
+
+        results.update({prefix + k: v for k, v in
+                        evaluators_lib.run_all(evaluators, params, model_state, show).items()})
+    return results
 
 
 def result_of(key: str, evaluators) -> str | None:

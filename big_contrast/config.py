@@ -223,7 +223,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Parameters matching these regexes (and all vectors/scalars) get no weight decay.
     c.optim.no_decay = ["posemb", "/cls$", "log_scale"]
 
-    c.loss = ml_collections.ConfigDict({"label_smoothing": 0.0})
+    # label_smoothing: of the contrastive targets. Captioning objectives (coca) add
+    # contrastive_weight * contrastive + caption_weight * caption (the paper: 1 and 2).
+    c.loss = ml_collections.ConfigDict(
+        {"label_smoothing": 0.0, "contrastive_weight": 1.0, "caption_weight": 2.0,
+         "caption_label_smoothing": 0.0})
 
     c.model = ml_collections.ConfigDict()
     c.model.image = ml_collections.ConfigDict(
@@ -236,6 +240,10 @@ def base_config() -> ml_collections.ConfigDict:
     # drop_connect, max_stride: efficientnet's stochastic-depth rate and cap on the total stride.
     c.model.text = ml_collections.ConfigDict(
         {"variant": "M", "causal": True, "pool": "eos", "remat": False})
+    # The text decoder of captioning objectives (coca): model.text.variant sets its width;
+    # depths per half (None: the variant's depth) and the image tokens it attends to.
+    c.model.decoder = ml_collections.ConfigDict(
+        {"unimodal_depth": placeholder(int), "multimodal_depth": placeholder(int), "queries": 256})
     c.model.embed_dim = 512
     c.model.projection = "linear"  # linear | mlp | none
     c.model.init_scale = 1 / 0.07  # CLIP's initial logit scale
@@ -243,10 +251,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.max_scale = 100.0  # CLIP clamps the logit scale at 100
 
     c.text = ml_collections.ConfigDict()
-    c.text.tokenizer = "words"  # words (hashed, built in) | bytes | sentencepiece
+    c.text.tokenizer = "words"  # words (hashed) | vocab (word list) | bytes | sentencepiece
     c.text.max_len = 32
     c.text.vocab_size = 32_000  # for 'words'; others define their own
-    c.text.model_path = ""  # for 'sentencepiece'
+    # 'sentencepiece': the .model file; 'vocab': a JSON word list (VocabularyTokenizer.save),
+    # optional for the synthetic source (its caption language is built in).
+    c.text.model_path = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic | manifest | image_folder | tfds | array_record
@@ -268,6 +278,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic = ml_collections.ConfigDict(
         {"seed": 0, "num_records": 10_000_000, "two_object_prob": 0.3, "grey_prob": 0.15})
     c.data.augment = ml_collections.ConfigDict({"crop_scale": (1.0, 1.0), "flip": False})
+    # Training on a weighted mixture of sources instead of data.source alone (empty: data.source):
+    # data.mixture.<name> = {weight (> 0, relative), source, path, tfds_name, image_key,
+    # caption_key, synthetic (some data.synthetic keys); each not given is data.<key>'s}. A part
+    # with label_key has its class names rendered as captions: templates (one '{}' each; default:
+    # the source's prompts) and class_names or class_names_file (default: the source's). Evaluators
+    # still read data.source.
+    c.data.mixture = ml_collections.ConfigDict()
 
     c.evals = ml_collections.ConfigDict()
 

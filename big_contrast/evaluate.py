@@ -21,10 +21,10 @@ import sys
 import jax
 from absl import flags
 
-from big_contrast import checkpoint, cli, config as config_lib, evaluators, metrics
+from big_contrast import actions, checkpoint, cli, config as config_lib, evaluators, metrics
 from big_contrast import workdir as workdir_lib
 from big_contrast.experiment import Experiment
-from big_contrast.train_state import TrainState, evaluation_weights
+from big_contrast.train_state import TrainState
 
 
 def run_config(workdir: str, config=None):
@@ -90,17 +90,12 @@ def evaluate(config, workdir: str, step: int | None = None, devices=None,
                 config.evals = evals
     if not config.evals:
         raise config_lib.ConfigError("the config declares no evaluators (config.evals is empty)")
-    exp = Experiment(config, devices)
+    exp = Experiment(config, devices, workdir=workdir)
     step, state = restore_weights(exp, workdir, step)
     evals = evaluators.build_evaluators(config.evals, exp.objective, exp.mesh, config.data,
                                         exp.tokenizer, config.eval_batch_size)
-    results = {}
     with jax.set_mesh(exp.mesh):
-        for which in exp.eval_weights:
-            params, model_state = evaluation_weights(state, which)
-            prefix = "ema/" if which == "ema" else ""
-            results.update({prefix + k: v for k, v in
-                            evaluators.run_all(evals, params, model_state).items()})
+        results = actions.run_evaluations(evals, state, exp.eval_weights)
     if jax.process_index() == 0:
         workdir_lib.write_json(workdir, f"eval_{step}.json", {"step": step, **results})
     return {"step": step, **results}

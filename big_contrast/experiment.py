@@ -6,14 +6,21 @@ from __future__ import annotations
 import numpy as np
 
 from big_contrast import config as config_lib, optim, sharding, validation
+from big_contrast import workdir as workdir_lib
 from big_contrast.data import sources, tokenizers
 from big_contrast.objectives import build_objective
 from big_contrast.train_state import Poison, StateFactory
 
 
-def build_tokenizer(config) -> tokenizers.Tokenizer:
+def build_tokenizer(config, workdir: str | None = None) -> tokenizers.Tokenizer:
+    """The config's tokenizer; a built-in word vocabulary comes from the run's stored copy
+    when the workdir has one (workdir.store_vocabulary)."""
     t = config.text
-    return tokenizers.get_tokenizer(t.tokenizer, t.max_len, t.vocab_size, t.model_path or None)
+    model_path = t.model_path or None
+    if t.tokenizer == "vocab" and not model_path:
+        model_path = workdir_lib.stored_vocabulary(workdir)
+    return tokenizers.get_tokenizer(t.tokenizer, t.max_len, t.vocab_size, model_path,
+                                    config.data.source)
 
 
 def example_batch(spec, max_len: int) -> dict:
@@ -40,10 +47,12 @@ class Experiment:
     """The pieces of a run that follow from its config alone (no data read, no state built).
 
     ``examples_per_epoch`` may be given to avoid opening the training source (shape checks of
-    paper-scale recipes whose data is not on this machine).
+    paper-scale recipes whose data is not on this machine); ``workdir``, the run's, holds
+    what the config does not pin down (a built-in vocabulary).
     """
 
-    def __init__(self, config, devices=None, examples_per_epoch: int | None = None):
+    def __init__(self, config, devices=None, examples_per_epoch: int | None = None,
+                 workdir: str | None = None):
         validation.validate(config)
         self.config = config
         try:
@@ -52,7 +61,7 @@ class Experiment:
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from None
         self.rules = sharding.rules_from_config(config.sharding_rules)
-        self.tokenizer = build_tokenizer(config)
+        self.tokenizer = build_tokenizer(config, workdir)
         self.objective = build_objective(config, self.tokenizer)
         if examples_per_epoch is None and config.total_epochs is not None:
             train_source = sources.build_source(config.data, config.data.train_split)

@@ -1,4 +1,4 @@
-"""Contrastive losses as pure functions of arrays (imports only jax).
+"""Contrastive and captioning losses as pure functions of arrays (imports only jax).
 
 Global-batch losses take an optional ``axis_name``. Called inside ``jax.shard_map`` over the
 data axes, each device scores only its local rows against the gathered columns, so the
@@ -55,3 +55,24 @@ def softmax_contrastive(x, y, scale, *, axis_name=None, label_smoothing: float =
              + _summed_cross_entropy(logits_yx, labels, label_smoothing))
     loss = total / (2.0 * all_x.shape[0])
     return loss if axis_name is None else jax.lax.psum(loss, axis_name)
+
+
+def caption_loss(logits, targets, mask, *, label_smoothing: float = 0.0):
+    """Captioning (next-token) cross-entropy, averaged over the non-padding target tokens.
+
+    Args:
+      logits: [B, T, V] next-token logits; targets: [B, T] token ids; mask: [B, T], true where
+        the target is a real token (EOS included, padding excluded).
+      label_smoothing: weight of the uniform distribution over the vocabulary in the targets.
+
+    Returns:
+      Scalar: sum of the masked token losses / number of masked tokens. Under jit with a
+      batch-sharded input the sums run over the global batch, so every token weighs the same
+      whichever device holds it.
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

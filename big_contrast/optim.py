@@ -1,16 +1,18 @@
-"""Optimizers from config: global-norm clipping -> AdamW / LAMB with warmup + cosine, and a
-weight-decay mask that spares biases, norms, temperatures and position/class embeddings."""
+"""Optimizers from config: global-norm clipping -> AdamW / LAMB / Adafactor with warmup +
+cosine or linear decay, and a weight-decay mask that spares biases, norms, temperatures and
+position/class embeddings."""
 
 from __future__ import annotations
 
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from big_contrast.config import ConfigError
 
-OPTIMIZERS = ("adamw", "lamb")
+OPTIMIZERS = ("adamw", "lamb", "adafactor")
 DECAYS = ("cosine", "linear")
 
 
@@ -58,9 +60,36 @@ def make_optimizer(optim_config, params, total_steps: int, warmup_steps: int):
     elif name == "lamb":
         opt = optax.lamb(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
                          weight_decay=optim_config.weight_decay, mask=mask)
+    elif name == "adafactor":
+        opt = adafactor(optim_config, schedule, mask)
     else:
-        raise ConfigError(f"unknown optim.name {name!r}; choose 'adamw' or 'lamb'")
+        raise ConfigError(f"unknown optim.name {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     chain = [opt]
     if optim_config.clip_norm:
         chain.insert(0, optax.clip_by_global_norm(optim_config.clip_norm))
     return optax.chain(*chain), schedule
+
+
+def capped_second_moment_decay(b2: float):
+    """Adafactor's second-moment decay at step t: optax's default 1 - (t + 1) ** -0.8 (which
+    starts at 0, so early steps need no bias correction) capped at ``b2``. optax has no
+    constant-decay option; with the cap the decay is exactly b2 = 0.999 from step ~5,600 on,
+    as in CoCa's Adafactor with beta2 0.999."""
+
+    def decay(step, exponent):
+        return jnp.minimum(b2, 1.0 - jnp.power(step + 1.0, -exponent))
+
+    return decay
+
+
+def adafactor(optim_config, schedule, mask):
+    """Adafactor as CoCa trains with it: factored second moments (decay capped at b2),
+    first-moment momentum b1, no update clipping or parameter-scale multiplication (the
+    schedule gives the absolute rate), and decoupled weight decay (lr * weight_decay * param,
+    like AdamW's)."""
+    return optax.chain(
+        optax.scale_by_factored_rms(decay_rate_fn=capped_second_moment_decay(optim_config.b2),
+                                    epsilon=optim_config.eps),
+        optax.trace(decay=optim_config.b1),
+        optax.add_decayed_weights(optim_config.weight_decay, mask),
+        optax.scale_by_learning_rate(schedule))

@@ -50,8 +50,10 @@ def _summary(step: int, final_loss, data, began: float, eval_results: dict) -> d
 def train(config, workdir: str, devices=None) -> dict:
     """Runs (or resumes) training to config's total length; returns the final summary."""
     began = time.perf_counter()
-    exp = Experiment(config, devices)
+    exp = Experiment(config, devices, workdir=workdir)
     workdir = workdir_lib.prepare(workdir)
+    if jax.process_index() == 0:
+        workdir_lib.store_vocabulary(workdir, exp.tokenizer)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
         start = ckpt.latest_step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from big_contrast import evaluators, optim
 from big_contrast.config import ConfigError, closest_suggestion
-from big_contrast.data import sources, tokenizers
+from big_contrast.data import mixture, sources, tokenizers
 from big_contrast.models import convnet, efficientnet, heads, image_layers, transformer, two_tower
 from big_contrast.objectives import OBJECTIVES
 
@@ -71,6 +71,13 @@ def validate(config) -> None:
     _choice("model.projection", config.model.projection, heads.PROJECTIONS)
     _choice("text.tokenizer", config.text.tokenizer, tokenizers.TOKENIZERS)
     _choice("data.source", config.data.source, sources.SOURCES)
+    mixture.check(config.data)
+    if config.data.mixture:
+        for key in ("total_epochs", "optim.warmup_epochs"):
+            if _number(config, key) is not None:
+                raise ConfigError(f"{key} is set, but a data.mixture has no epochs (its parts "
+                                  f"run out at different times): use {key[:-len('epochs')]}steps "
+                                  f"or {key[:-len('epochs')]}examples")
     _choice("optim.name", config.optim.name, optim.OPTIMIZERS)
     _choice("optim.decay", config.optim.decay, optim.DECAYS)
     for name, spec in config.evals.items():

@@ -17,6 +17,9 @@ from big_contrast.config import ConfigError
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+# A word vocabulary built by the code rather than read from text.model_path: stored with the
+# run, so that resume and evaluate map words to the ids the weights were trained with.
+VOCABULARY_FILE = "vocabulary.json"
 
 # Dotted keys (or prefixes ending in '.') that a resumed run may change.
 RESUME_SAFE = (
@@ -139,3 +142,15 @@ def write_config(workdir: str, config) -> None:
 
 def read_summary(workdir: str) -> dict | None:
     return read_json(workdir, SUMMARY_FILE)
+
+
+def stored_vocabulary(workdir: str | None) -> str | None:
+    """The path of the run's stored vocabulary, if it has one."""
+    path = workdir and os.path.join(workdir, VOCABULARY_FILE)
+    return path if path and os.path.isfile(path) else None
+
+
+def store_vocabulary(workdir: str, tokenizer) -> None:
+    """Writes a built-in word vocabulary into the workdir the first time the run starts."""
+    if hasattr(tokenizer, "save") and stored_vocabulary(workdir) is None:
+        tokenizer.save(os.path.join(workdir, VOCABULARY_FILE))

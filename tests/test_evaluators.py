@@ -141,7 +141,7 @@ def test_retrieval_counts_duplicate_captions_in_different_chunks_as_matches(tmp_
     retrieval = built[0].evaluator
     assert sorted(np.bincount(retrieval.groups)) == [6, 6, 6, 6]
     with jax.set_mesh(mesh):
-        perfect = evaluators.run_all(built, params, {})
+        perfect = evaluators.run_all(built, params, {}, print)
         # Per-item matching would score this perfect model far below 1: the own caption is
         # one of 6 near-equal candidates, ordered by float noise.
         images = retrieval.embedder.images(params, {}, retrieval.data["image"])
@@ -151,7 +151,7 @@ def test_retrieval_counts_duplicate_captions_in_different_chunks_as_matches(tmp_
 
     collapsed, mesh = _evaluators(_CollapsedObjective(), evals, data, tokenizer)
     with jax.set_mesh(mesh):
-        chance = evaluators.run_all(collapsed, {}, {})
+        chance = evaluators.run_all(collapsed, {}, {}, print)
     # Any of a caption's 6 copies among 24 is a hit: 6/24 at R@1, 1 - C(18,5)/C(24,5) at R@5.
     r5 = 1 - math.comb(18, 5) / math.comb(24, 5)
     assert chance == pytest.approx({"ret/i2t_R1": 0.25, "ret/i2t_R5": r5,
@@ -198,7 +198,7 @@ def test_zero_shot_class_names_from_config_or_file_fix_the_label_order(tmp_path)
 
 
 def test_zero_shot_accepts_integer_labels_with_names_from_the_config(tmp_path):
-    labelled = write_labelled_set(tmp_path / "pets", per_class=2)
+    write_labelled_set(tmp_path / "pets", per_class=2)
     path = tmp_path / "pets" / "ints.jsonl"
     path.write_text("".join(f'{{"file": "red/00{i}.png", "y": {i % 2}}}\n' for i in range(2)))
     data = _data_config(source="manifest", path=str(path), image_key="file", image_size=16)

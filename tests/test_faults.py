@@ -13,89 +13,34 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from big_contrast import checkpoint, config as bc, metrics, train as train_lib, workdir
+from big_contrast import checkpoint, config as bc, train as train_lib, workdir
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
+from tests import runs
 from tests.fault_runner import PAUSED_MARKER
-from tests.helpers import (BAD_RECORDS, REPO, TINY_CLIP, read_tensorboard_scalars,
+from tests.helpers import (BAD_RECORDS, TINY_CLIP, read_tensorboard_scalars,
                            tiny_clip_config, write_bad_manifest)
 
 CONFIG = f"{TINY_CLIP}:convnet,retrieval"
 STEPS = 12
 FLAGS = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=4",
          "--config.tensorboard=true", "--config.ema_decay=0.9"]
-ENV = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
 
 
-def _command(workdir_path, *flags, entrypoint="train", hook=None, config=CONFIG):
-    prefix = ([sys.executable, "-m", "tests.fault_runner", hook, "--"] if hook
-              else [sys.executable, "-m", f"big_contrast.{entrypoint}"])
-    return [*prefix, "--config", config, "--workdir", str(workdir_path), *flags]
+def _run(workdir_path, *flags, config=CONFIG, **kwargs):
+    return runs.run(config, workdir_path, *FLAGS, *flags, **kwargs)
 
 
-def _run(workdir_path, *flags, **kwargs):
-    """Runs an entrypoint to completion; returns the CompletedProcess (text output)."""
-    return subprocess.run(_command(workdir_path, *FLAGS, *flags, **kwargs), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+def _start(workdir_path, *flags, config=CONFIG, **kwargs):
+    return runs.start(config, workdir_path, *FLAGS, *flags, **kwargs)
 
 
-def _start(workdir_path, *flags, **kwargs):
-    """Starts an entrypoint in the background; stdout is a pipe, stderr goes to a file (read
-    it with _stderr) so that neither can fill up and block the run."""
-    os.makedirs(workdir_path, exist_ok=True)
-    stderr = open(os.path.join(workdir_path, "..", f"{os.path.basename(workdir_path)}.stderr"),
-                  "w", encoding="utf-8")
-    proc = subprocess.Popen(_command(workdir_path, *FLAGS, *flags, **kwargs), cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
-    proc.stderr_path = stderr.name
-    return proc
-
-
-def _stderr(proc) -> str:
-    with open(proc.stderr_path, encoding="utf-8") as f:
-        return f.read()
-
-
-def _wait_for_line(proc, marker: str, timeout: float = 300) -> None:
-    """Reads the run's stdout on a thread until a line contains ``marker``."""
-    found = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            if marker in line:
-                found.set()
-                return
-
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(timeout):
-        proc.kill()
-        raise AssertionError(f"the run never printed {marker!r}")
-
-
-def _losses(workdir_path):
-    return {r["step"]: r["loss"] for r in metrics.read_jsonl(os.path.join(workdir_path,
-                                                                          "metrics.jsonl"))
-            if "loss" in r}
-
-
-def _wait_for_step(proc, workdir_path, step, checkpoint_step=None):
-    """Waits until ``step`` is logged (and checkpoint ``checkpoint_step`` committed)."""
-    committed = os.path.join(workdir_path, "checkpoints", str(checkpoint_step))
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if max([0] + list(_losses(workdir_path))) >= step and (
-                checkpoint_step is None or os.path.isdir(committed)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended or stalled before step {step}")
+_losses = runs.losses
 
 
 def _config():
@@ -129,7 +74,7 @@ def straight(tmp_path_factory):
 
 def test_sigkill_at_a_step_and_a_cut_metrics_line(straight, tmp_path):
     proc = _start(tmp_path)
-    _wait_for_step(proc, tmp_path, 6, checkpoint_step=4)
+    runs.wait_for_step(proc, tmp_path, 6, checkpoint_step=4)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -148,7 +93,7 @@ def test_sigkill_at_a_step_and_a_cut_metrics_line(straight, tmp_path):
 
 def test_sigkill_while_a_checkpoint_is_being_written(straight, tmp_path):
     proc = _start(tmp_path, hook="pause_commit:8")
-    _wait_for_line(proc, PAUSED_MARKER)  # printed once step 8's files are written
+    runs.wait_for_line(proc, PAUSED_MARKER)  # printed once step 8's files are written
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -163,10 +108,10 @@ def test_sigkill_while_a_checkpoint_is_being_written(straight, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_save_then_exit_nonzero_and_resume(straight, tmp_path, sig, code):
     proc = _start(tmp_path)
-    _wait_for_step(proc, tmp_path, 2)  # ten steps before the end: the signal comes mid-run
+    runs.wait_for_step(proc, tmp_path, 2)  # ten steps before the end: the signal comes mid-run
     proc.send_signal(sig)
     proc.communicate(timeout=300)
-    stderr = _stderr(proc)
+    stderr = runs.stderr_of(proc)
     assert proc.returncode == code, stderr[-3000:]
     assert "Traceback" not in stderr
     assert f"interrupted by {sig.name} at step" in stderr and "Rerun the same command" in stderr

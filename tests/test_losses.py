@@ -1,5 +1,5 @@
-"""softmax_contrastive against an independent float64 numpy derivation, on one device and
-sharded over 8 (value and gradients)."""
+"""softmax_contrastive and caption_loss against independent float64 numpy derivations (the
+contrastive one on one device and sharded over 8, value and gradients)."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from big_contrast.losses import softmax_contrastive
+from big_contrast.losses import caption_loss, softmax_contrastive
 
 
 def _normalised(rng, n, d):
@@ -94,3 +94,48 @@ def test_sharded_similarity_is_local_rows_by_global_columns():
                                     out_specs=P())).lower(x, x, jnp.float32(1.0))
     text = lowered.as_text()
     assert "8x64" in text and "64x64" not in text
+
+
+def numpy_caption_loss(logits, targets, mask, smoothing=0.0):
+    """Token cross-entropy in float64 against (1 - s) one-hot + s uniform targets, averaged
+    over the tokens where mask is true."""
+    logits = np.asarray(logits, np.float64)
+    vocab = logits.shape[-1]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    target = np.eye(vocab)[targets] * (1 - smoothing) + smoothing / vocab
+    per_token = -(target * log_p).sum(axis=-1)
+    return (per_token * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_caption_loss_matches_numpy_float64_and_ignores_padding(smoothing):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 6, 11)) * 3
+    targets = rng.integers(3, 11, size=(4, 6))
+    lengths = np.array([6, 4, 1, 3])
+    mask = np.arange(6)[None, :] < lengths[:, None]
+    targets = np.where(mask, targets, 0)  # padding after each caption
+    got = caption_loss(jnp.float32(logits), jnp.int32(targets), jnp.asarray(mask),
+                       label_smoothing=smoothing)
+    np.testing.assert_allclose(float(got), numpy_caption_loss(logits, targets, mask, smoothing),
+                               rtol=1e-5)
+    # Whatever the logits at padded positions, the loss is the same.
+    noisy = np.where(mask[..., None], logits, rng.normal(size=logits.shape) * 100)
+    again = caption_loss(jnp.float32(noisy), jnp.int32(targets), jnp.asarray(mask),
+                         label_smoothing=smoothing)
+    np.testing.assert_allclose(float(again), float(got), rtol=1e-6)
+
+
+def test_caption_loss_is_a_token_mean_over_the_global_batch():
+    """Sharded over 8 devices under jit, every token weighs the same whichever device holds it
+    (a mean of per-device means would weigh a device with few tokens more)."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(8, 5, 7))
+    targets = rng.integers(3, 7, size=(8, 5))
+    mask = np.arange(5)[None, :] < rng.integers(1, 6, size=(8, 1))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    sharded = [jax.device_put(a, jax.NamedSharding(mesh, P("data")))
+               for a in (jnp.float32(logits), jnp.int32(targets), jnp.asarray(mask))]
+    got = jax.jit(caption_loss)(*sharded)
+    np.testing.assert_allclose(float(got), numpy_caption_loss(logits, targets, mask), rtol=1e-5)

@@ -72,15 +72,15 @@ def test_captions_agree_with_labels():
     for i in range(400):
         r = world[i]
         words = set(re.findall(r"[a-z-]+", r["caption"]))
-        shape_words = _words(synthetic._SHAPE_WORDS[synthetic.SHAPES[r["shape"]]])
-        other_shapes = set().union(*(_words(synthetic._SHAPE_WORDS[s]) for s in synthetic.SHAPES
+        shape_words = _words(synthetic.SHAPE_WORDS[synthetic.SHAPES[r["shape"]]])
+        other_shapes = set().union(*(_words(synthetic.SHAPE_WORDS[s]) for s in synthetic.SHAPES
                                      if s not in (synthetic.SHAPES[r["shape"]],
                                                   synthetic.SHAPES[r["shape_2"]])))
-        colour_words = {w for c in synthetic.COLOURS for w in synthetic._COLOUR_WORDS[c]}
+        colour_words = {w for c in synthetic.COLOURS for w in synthetic.COLOUR_WORDS[c]}
         mentioned_colours = words & colour_words
-        true_colours = _words(synthetic._COLOUR_WORDS[synthetic.COLOURS[r["colour"]]])
+        true_colours = _words(synthetic.COLOUR_WORDS[synthetic.COLOURS[r["colour"]]])
         if r["colour_2"] >= 0:
-            true_colours |= _words(synthetic._COLOUR_WORDS[synthetic.COLOURS[r["colour_2"]]])
+            true_colours |= _words(synthetic.COLOUR_WORDS[synthetic.COLOURS[r["colour_2"]]])
         assert mentioned_colours <= true_colours, (r["caption"], r["colour"])
         assert not (words & other_shapes - shape_words - {"circle", "shape"}), r["caption"]
         if r["grey"]:
@@ -124,8 +124,8 @@ def _alternatives(word_table: dict) -> str:
 def _single_object_caption_regex() -> re.Pattern:
     """The captions _single_caption can write for one coloured object, without the optional
     background suffix: its five templates over the world's word tables."""
-    size, colour = _alternatives(synthetic._SIZE_WORDS), _alternatives(synthetic._COLOUR_WORDS)
-    shape, pos = _alternatives(synthetic._SHAPE_WORDS), _alternatives(synthetic._POSITION_WORDS)
+    size, colour = _alternatives(synthetic._SIZE_WORDS), _alternatives(synthetic.COLOUR_WORDS)
+    shape, pos = _alternatives(synthetic.SHAPE_WORDS), _alternatives(synthetic._POSITION_WORDS)
     # A noun phrase names the shape, or else says shape/object/thing after a colour.
     noun_phrase = f"an? (?:{size} )?(?:(?:{colour} )?{shape}|{colour} (?:shape|object|thing))"
     templates = [f"{noun_phrase}(?: {pos})?", f"there is {noun_phrase}(?: {pos})?",
@@ -155,8 +155,8 @@ def test_the_caption_regex_reads_every_single_object_caption():
         assert not (pattern.fullmatch(never_said) and _articles_agree(never_said)), never_said
 
 
-_LABELS = {"shape": (synthetic.SHAPES, synthetic._SHAPE_WORDS),
-           "colour": (synthetic.COLOURS, synthetic._COLOUR_WORDS),
+_LABELS = {"shape": (synthetic.SHAPES, synthetic.SHAPE_WORDS),
+           "colour": (synthetic.COLOURS, synthetic.COLOUR_WORDS),
            "size": (synthetic.SIZES, synthetic._SIZE_WORDS),
            "position": (synthetic.POSITIONS, synthetic._POSITION_WORDS)}
 

@@ -1,5 +1,5 @@
 """Tokenizer layout ([BOS, ..., EOS, PAD...], sticky EOS), determinism, round trips, pickling,
-and SentencePiece training through tools/train_tokenizer.py."""
+word vocabularies, and SentencePiece training through tools/train_tokenizer.py."""
 
 import pickle
 import subprocess
@@ -8,12 +8,18 @@ import sys
 import numpy as np
 import pytest
 
-from big_contrast.data import tokenizers
+from big_contrast import config as config_lib, experiment, validation
+from big_contrast.data import synthetic, tokenizers
 from big_contrast.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
 from tests.helpers import REPO
 
+WORDS = ["a", "red", "star", "two", "shapes", ":", "and", "blue", "circle"]
+UNK_ID = tokenizers.VocabularyTokenizer.unk_id
 
-@pytest.mark.parametrize("tok", [tokenizers.HashedWordTokenizer(8, 1000), tokenizers.ByteTokenizer(8)])
+
+@pytest.mark.parametrize("tok", [tokenizers.HashedWordTokenizer(8, 1000),
+                                 tokenizers.ByteTokenizer(8),
+                                 tokenizers.VocabularyTokenizer(["a", "b", "one", "two"], 8)])
 def test_layout_and_sticky_eos(tok):
     short = tok.encode("a b")
     assert short[0] == BOS_ID and EOS_ID in short and short[-1] == PAD_ID
@@ -39,16 +45,106 @@ def test_bytes_round_trip_any_language():
 
 
 def test_tokenizers_pickle_for_grain_workers():
-    for tok in (tokenizers.HashedWordTokenizer(8, 100), tokenizers.ByteTokenizer(8)):
+    for tok in (tokenizers.HashedWordTokenizer(8, 100), tokenizers.ByteTokenizer(8),
+                tokenizers.VocabularyTokenizer(["x", "y"], 8)):
         clone = pickle.loads(pickle.dumps(tok))
         np.testing.assert_array_equal(clone.encode("x y"), tok.encode("x y"))
+    vocab = tokenizers.VocabularyTokenizer(WORDS, 8)
+    assert pickle.loads(pickle.dumps(vocab)).decode(vocab.encode("a red star")) == "a red star"
+
+
+def test_decoding_stops_at_eos_and_hashed_words_cannot_decode():
+    assert tokenizers.ByteTokenizer(8).can_decode
+    assert tokenizers.VocabularyTokenizer(WORDS, 8).can_decode
+    tok = tokenizers.ByteTokenizer(8)
+    assert tok.decode([BOS_ID, 3 + ord("h"), 3 + ord("i"), EOS_ID, 3 + ord("x"), PAD_ID]) == "hi"
+    hashed = tokenizers.HashedWordTokenizer(8, 100)
+    assert not hashed.can_decode
+    with pytest.raises(ValueError, match="cannot decode.*'vocab'"):
+        hashed.decode(hashed.encode("a red star"))
+
+
+def test_vocabulary_ids_unknown_words_and_punctuation():
+    tok = tokenizers.VocabularyTokenizer(WORDS, 12)
+    assert tok.vocab_size == len(WORDS) + 4
+    ids = tok.encode("Two shapes: a RED star and a green circle")
+    assert ids.tolist() == [BOS_ID, 7, 8, 9, 4, 5, 6, 10, 4, UNK_ID, 12, EOS_ID]
+    assert tok.decode(ids) == "two shapes: a red star and a <unk> circle"
+    assert tok.decode(tok.encode("")) == ""
+    text = "two shapes: a five-pointed star, (big) isn't it?"
+    full = tokenizers.VocabularyTokenizer.from_texts([text], 32)
+    assert full.decode(full.encode(text)) == text  # conventional punctuation spacing
+    for bad in (["a", "a"], ["Red"], ["two words"], [""]):
+        with pytest.raises(ValueError, match="vocabulary"):
+            tokenizers.VocabularyTokenizer(bad, 8)
+
+
+def test_vocabulary_truncation_keeps_eos():
+    tok = tokenizers.VocabularyTokenizer(WORDS, 6)
+    ids = tok.encode("two shapes: a red star and a blue circle")
+    assert ids.tolist() == [BOS_ID, 7, 8, 9, 4, EOS_ID]
+    assert tok.decode(ids) == "two shapes: a"
+
+
+def test_vocabulary_from_texts_is_deterministic():
+    texts = ["b a c", "a b", "a", "d ."]
+    tok = tokenizers.VocabularyTokenizer.from_texts(texts)
+    assert tok.words == ["a", "b", ".", "c", "d"]  # by count, ties alphabetical
+    assert tokenizers.VocabularyTokenizer.from_texts(texts[::-1]).words == tok.words
+    assert tokenizers.VocabularyTokenizer.from_texts(texts, min_count=2).words == ["a", "b"]
+    assert tokenizers.VocabularyTokenizer.from_texts(texts, max_words=3).words == ["a", "b", "."]
+
+
+def test_vocabulary_save_and_load(tmp_path):
+    tok = tokenizers.VocabularyTokenizer.from_texts(["a red star", "two shapes: a blue circle"], 10)
+    path = str(tmp_path / "vocab.json")
+    tok.save(path)
+    loaded = tokenizers.VocabularyTokenizer.load(path, 10)
+    assert loaded.words == tok.words and loaded.vocab_size == tok.vocab_size
+    np.testing.assert_array_equal(loaded.encode("a blue star"), tok.encode("a blue star"))
+    via_config = tokenizers.get_tokenizer("vocab", 7, model_path=path)
+    assert via_config.words == tok.words and via_config.max_len == 7
+    (tmp_path / "bad.json").write_text('["a", "b"]')
+    with pytest.raises(ValueError, match="not a word vocabulary"):
+        tokenizers.VocabularyTokenizer.load(str(tmp_path / "bad.json"))
+
+
+def test_synthetic_vocabulary_round_trips_the_worlds_captions():
+    tok = tokenizers.synthetic_vocabulary(32)
+    assert tok.words == tokenizers.synthetic_vocabulary(32).words  # deterministic
+    assert 90 <= tok.vocab_size <= 130
+    tables = (synthetic.SHAPE_WORDS, synthetic.COLOUR_WORDS, synthetic._SIZE_WORDS,
+              synthetic._POSITION_WORDS, synthetic._BACKGROUND_WORDS)
+    phrases = [p for table in tables for ps in table.values() for p in ps] + list(
+        synthetic._GREY_WORDS)
+    assert not [p for p in phrases if UNK_ID in tok.encode(p)]  # every synonym is known
+    for split, seed in (("val", 3), ("heldout_combos", 7)):
+        world = synthetic.SyntheticWorld(split, image_size=16, seed=seed)
+        captions = [world[i]["caption"] for i in range(300)]
+        ids = tok.encode_batch(captions)
+        assert UNK_ID not in ids and (ids == EOS_ID).sum(axis=1).tolist() == [1] * len(ids)
+        for caption, row in zip(captions, ids):
+            assert tok.decode(row) == " ".join(caption.lower().split())
+
+
+def test_vocab_from_config_builds_the_synthetic_language_or_needs_a_file():
+    config = config_lib.base_config()
+    config.text.tokenizer = "vocab"
+    validation.validate(config)
+    tok = experiment.build_tokenizer(config)
+    assert tok.words == tokenizers.synthetic_vocabulary().words
+    assert tok.max_len == config.text.max_len
+    config.data.source = "manifest"
+    with pytest.raises(ValueError, match="model_path"):
+        experiment.build_tokenizer(config)
 
 
 def test_unknown_tokenizer_and_missing_model_path():
-    with pytest.raises(ValueError, match="words"):
+    with pytest.raises(ValueError, match="words, vocab, bytes"):
         tokenizers.get_tokenizer("bpe", 8)
-    with pytest.raises(ValueError, match="model_path"):
-        tokenizers.get_tokenizer("sentencepiece", 8)
+    for name in ("sentencepiece", "vocab"):
+        with pytest.raises(ValueError, match="model_path"):
+            tokenizers.get_tokenizer(name, 8)
 
 
 def test_train_sentencepiece_with_the_tool(tmp_path):

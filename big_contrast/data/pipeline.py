@@ -1,6 +1,7 @@
 """The training input pipeline: a grain dataset graph feeding global jax.Array batches.
 
   source -> seeded global shuffle (reshuffled each epoch) -> repeat
+     (or several such sources mixed by weight and shuffled in windows: mixture.py)
   -> decode + augment + tokenize (random_map seeded by the example's position in the global
      stream, before any slicing) -> this process's slice -> from the saved position on
   -> worker processes (mp_prefetch, optional)
@@ -28,7 +29,7 @@ from absl import flags as absl_flags
 
 from big_contrast import sharding
 from big_contrast.config import ConfigError
-from big_contrast.data import sources, transforms
+from big_contrast.data import mixture, transforms
 from big_contrast.data.spec import BatchSpec
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,9 @@ class CorruptDataError(RuntimeError):
 
 def example_stream(source, data_config, spec: BatchSpec, tokenizer, seed: int,
                    start: int = 0) -> grain.IterDataset:
-    """This process's preprocessed examples (corrupt records as markers), from ``start`` on."""
-    ds = grain.MapDataset.source(source).seed(seed)
-    if data_config.shuffle:
-        ds = ds.shuffle()
-    ds = ds.repeat(None)
+    """This process's preprocessed examples (corrupt records as markers), from ``start`` on.
+    ``source``: a source or a mixture.Mixture."""
+    ds = mixture.records(source, seed, data_config.shuffle)
     ds = ds.random_map(transforms.TrainPreprocess(spec, tokenizer, data_config.max_image_pixels))
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     ds = ds[shard.shard_index::shard.shard_count][start:]
@@ -98,8 +97,8 @@ class TrainBatches:
     def __init__(self, data_config, spec: BatchSpec, tokenizer, local_batch_size: int, seed: int,
                  mesh):
         try:
-            self._source = sources.build_source(data_config, data_config.train_split,
-                                                captions=spec.text)
+            self._source = mixture.build_train_source(data_config, captions=spec.text,
+                                                      seed=seed)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"data (training split {data_config.train_split!r}): {e}") from None
         self._config = data_config
@@ -107,7 +106,7 @@ class TrainBatches:
         self._batch_size = local_batch_size
         self._mesh = mesh
         self._max_fraction = data_config.max_corrupt_fraction
-        size = sources.num_examples(self._source)
+        size = mixture.num_examples(self._source)
         per_process = None if size is None else -(-size // jax.process_count())
         self._min_records = min(_MIN_RECORDS_FOR_LIMIT, per_process or _MIN_RECORDS_FOR_LIMIT)
         self.read = 0

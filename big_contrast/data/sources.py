@@ -7,7 +7,8 @@
 Sources: the synthetic world (no download), a CSV/TSV/JSONL manifest of (image path, caption
 [, label]) rows, a folder of class folders of images (torchvision's ImageFolder layout), a
 prepared TFDS dataset through ``tfds.data_source`` (no TensorFlow), and ArrayRecord files of
-msgpack records (see tools/build_array_record.py).
+msgpack records (see tools/build_array_record.py). LabelledAsCaptions gives the records of any
+labelled source a caption made from their class name.
 """
 
 from __future__ import annotations
@@ -305,6 +306,58 @@ def encode_record(image_bytes: bytes, caption: str, **labels: int) -> bytes:
                           **{k: int(v) for k, v in labels.items()}}, use_bin_type=True)
 
 
+class LabelledAsCaptions:
+    """A labelled source whose records get a caption naming their class: one of the templates
+    formatted with the class name, as CoCa trains on class labels rendered as text.
+
+    The template is drawn from (seed, record index) alone, so a record's caption is the same
+    whenever it is read (exact resume, any number of worker processes). Corrupt records pass
+    through unchanged, for the pipeline to skip and count.
+
+    Args:
+      source: any source whose records carry an integer class under ``label_key``.
+      class_names: the names the captions use, indexed by label.
+      templates: caption templates, each with exactly one '{}' for the class name.
+      label_key: the record's label field.
+      seed: varies which template each record gets.
+    """
+
+    def __init__(self, source, class_names, templates, label_key: str = "label", seed: int = 0):
+        self.source = source
+        names = tuple(str(n) for n in class_names)
+        templates = tuple(str(t) for t in templates)
+        bad = [t for t in templates if t.count("{}") != 1]
+        if not templates or bad:
+            raise ValueError(f"caption templates need exactly one '{{}}' each; got "
+                             f"{list(bad or templates)}")
+        known = getattr(source, "class_names", {}).get(label_key)
+        if not names or (known is not None and len(known) != len(names)):
+            raise ValueError(f"{len(names)} class names for label {label_key!r}, but the source "
+                             f"has {len(known) if known else 'no'} classes")
+        self.class_names = {label_key: names}
+        self.templates = templates
+        self._label_key, self._seed = label_key, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.source[index]
+        if "corrupt" in record:
+            return record
+        rng = np.random.default_rng((self._seed, int(index)))
+        template = self.templates[int(rng.integers(len(self.templates)))]
+        names, label = self.class_names[self._label_key], int(record[self._label_key])
+        if not 0 <= label < len(names):
+            raise ValueError(f"record {index} has {self._label_key} {label}, not a class index "
+                             f"for {len(names)} class names")
+        return {**record, "caption": template.format(names[label])}
+
+    def __repr__(self) -> str:
+        return (f"LabelledAsCaptions({self.source!r}, {len(self.templates)} templates over "
+                f"{len(self.class_names[self._label_key])} classes of {self._label_key!r})")
+
+
 SOURCES = ("synthetic", "manifest", "image_folder", "array_record", "tfds")
 
 
@@ -360,5 +413,7 @@ def prompt_templates(source, label_key: str):
 
 def num_examples(source) -> int | None:
     """Examples per epoch, or None for the synthetic world (a fresh example per index)."""
+    if isinstance(source, LabelledAsCaptions):
+        return num_examples(source.source)
     return None if isinstance(source, synthetic.SyntheticWorld) else len(source)
 

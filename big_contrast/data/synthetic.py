@@ -47,7 +47,7 @@ _RGB = np.array([
 _LUMA = np.array([[0.299], [0.587], [0.114]], np.float32)  # RGB -> grey (ITU-R 601)
 _SIZE_RADIUS = ((0.15, 0.18), (0.21, 0.24), (0.27, 0.31))  # fraction of the image side
 
-_SHAPE_WORDS = {
+SHAPE_WORDS = {
     "circle": ("circle", "circle", "circle", "disc", "round dot"),
     "square": ("square", "square", "square", "box"),
     "triangle": ("triangle", "triangle", "triangle", "three-sided shape"),
@@ -57,7 +57,7 @@ _SHAPE_WORDS = {
     "ring": ("ring", "ring", "ring", "hollow circle", "donut"),
     "heart": ("heart", "heart", "heart", "love heart"),
 }
-_COLOUR_WORDS = {
+COLOUR_WORDS = {
     "red": ("red", "red", "scarlet"), "orange": ("orange",), "yellow": ("yellow", "golden"),
     "green": ("green",), "cyan": ("cyan", "turquoise"), "blue": ("blue", "navy"),
     "purple": ("purple", "violet"), "pink": ("pink",),
@@ -201,8 +201,8 @@ def _noun_phrase(rng, obj: _Object, with_size: bool, with_colour: bool = True,
     if with_size:
         words.append(_choose(rng, _SIZE_WORDS[SIZES[obj.size]]))
     if with_colour:
-        words.append(_choose(rng, _COLOUR_WORDS[COLOURS[obj.colour]]))
-    words.append(_choose(rng, _SHAPE_WORDS[SHAPES[obj.shape]]) if with_shape
+        words.append(_choose(rng, COLOUR_WORDS[COLOURS[obj.colour]]))
+    words.append(_choose(rng, SHAPE_WORDS[SHAPES[obj.shape]]) if with_shape
                  else _choose(rng, ("shape", "object", "thing")))
     phrase = " ".join(words)
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
@@ -228,8 +228,8 @@ def _single_caption(rng, obj: _Object, background: int, grey: bool) -> str:
         text = f"a picture of {np_} {pos}"
     else:  # colour after the noun
         size_word = _choose(rng, _SIZE_WORDS[SIZES[obj.size]]) + " " if with_size else ""
-        noun = _choose(rng, _SHAPE_WORDS[SHAPES[obj.shape]])
-        colour = _choose(rng, _COLOUR_WORDS[COLOURS[obj.colour]])
+        noun = _choose(rng, SHAPE_WORDS[SHAPES[obj.shape]])
+        colour = _choose(rng, COLOUR_WORDS[COLOURS[obj.colour]])
         article = "an" if (size_word or noun)[0] in "aeiou" else "a"
         text = f"{article} {size_word}{noun} coloured {colour} {pos}"
     if rng.random() < 0.3:

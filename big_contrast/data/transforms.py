@@ -166,14 +166,16 @@ class TrainPreprocess(grain.transforms.RandomMap):
 
 
 class EvalPreprocess(grain.transforms.Map):
-    """Raw record -> {'image' (central view), 'text', requested labels}, or None if corrupt."""
+    """Raw record -> {'image' (central view), 'text', 'caption' (the cleaned string, with
+    ``keep_caption``), requested labels}, or None if corrupt."""
 
     def __init__(self, image_size: int, tokenizer=None, labels: tuple[str, ...] = (),
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, keep_caption: bool = False):
         self.image_size = image_size
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_pixels = max_pixels
+        self.keep_caption = keep_caption
 
     def map(self, record: dict):
         try:
@@ -185,6 +187,8 @@ class EvalPreprocess(grain.transforms.Map):
         out = {"image": center_crop(image, self.image_size)}
         if self.tokenizer is not None:
             out["text"] = self.tokenizer.encode(caption)
+            if self.keep_caption:
+                out["caption"] = caption
         for label in self.labels:
             out[label] = np.int32(record[label])
         return out

@@ -11,11 +11,13 @@ import dataclasses
 import inspect
 
 from big_contrast.config import ConfigError, closest_suggestion
+from big_contrast.evaluators.captioning import Captioning
 from big_contrast.evaluators.common import Embedder
 from big_contrast.evaluators.retrieval import Retrieval
 from big_contrast.evaluators.zero_shot import ZeroShotClassification
 
-EVALUATORS = {"zero_shot": ZeroShotClassification, "retrieval": Retrieval}
+EVALUATORS = {"zero_shot": ZeroShotClassification, "retrieval": Retrieval,
+              "captioning": Captioning}
 
 
 @dataclasses.dataclass
@@ -66,10 +68,13 @@ def build_evaluators(evals_config, objective, mesh, data_config, tokenizer,
     return scheduled
 
 
-def run_all(evaluators, params, model_state) -> dict:
-    """{'<name>/<metric>': value} for every evaluator."""
+def run_all(evaluators, params, model_state, show) -> dict:
+    """{'<name>/<metric>': value} for every evaluator; the samples an evaluator keeps of its
+    run (generated captions) go to ``show``, one line each."""
     results = {}
     for item in evaluators:
         for key, value in item.evaluator.run(params, model_state).items():
             results[f"{item.name}/{key}"] = value
+        for line in getattr(item.evaluator, "last_samples", ()):
+            show(f"{item.name}: {line}")
     return results

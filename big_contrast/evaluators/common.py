@@ -51,7 +51,7 @@ def override_data(data_config, name: str, **options):
     return config
 
 
-def _sample_record(source, tries: int = 100):
+def sample_record(source, tries: int = 100):
     """The first readable record among the first ``tries``, or None."""
     for index in range(min(len(source), tries)):
         record = source[index]
@@ -62,11 +62,12 @@ def _sample_record(source, tries: int = 100):
 
 def load_examples(source, image_size: int, num_examples: int, tokenizer=None,
                   labels: tuple[str, ...] = (), where: dict | None = None,
-                  max_pixels: int = transforms.DEFAULT_MAX_PIXELS) -> dict:
+                  max_pixels: int = transforms.DEFAULT_MAX_PIXELS,
+                  keep_caption: bool = False) -> dict:
     """``num_examples`` decodable records of a source (after the ``where`` filter), preprocessed
     for evaluation and stacked into numpy arrays. A finite source with more records gives a
     fixed random subset, not its first records (which may all be of the first classes)."""
-    sample = _sample_record(source)
+    sample = sample_record(source)
     needed = [*labels, *(where or {}), *(["caption"] if tokenizer is not None else [])]
     missing = sorted({k for k in needed if sample is not None and k not in sample})
     if missing:
@@ -77,7 +78,7 @@ def load_examples(source, image_size: int, num_examples: int, tokenizer=None,
         ds = ds.shuffle(seed=0)
     if where:
         ds = ds.filter(_FieldsEqual(where))
-    ds = ds.map(transforms.EvalPreprocess(image_size, tokenizer, labels, max_pixels))
+    ds = ds.map(transforms.EvalPreprocess(image_size, tokenizer, labels, max_pixels, keep_caption))
     examples = list(itertools.islice(ds.to_iter_dataset(), num_examples))
     if not examples:
         raise ValueError(f"{source!r} has no usable examples")
@@ -88,17 +89,22 @@ def load_examples(source, image_size: int, num_examples: int, tokenizer=None,
 
 
 class Embedder:
-    """Batched, sharded image/text embedding with one compilation per input shape."""
+    """Batched, sharded image/text embedding (and caption scoring, for captioning objectives)
+    with one compilation per input shape."""
 
     def __init__(self, objective, mesh, batch_size: int):
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // shards) * shards  # round up to divide the mesh
         self.mesh = mesh
-        out = sharding.replicated(mesh)
-        self._images = jax.jit(objective.embed_images, out_shardings=out)
-        self._texts = jax.jit(objective.embed_texts, out_shardings=out)
+        self.objective = objective
+        self.replicated = sharding.replicated(mesh)
+        self._images = jax.jit(objective.embed_images, out_shardings=self.replicated)
+        self._texts = jax.jit(objective.embed_texts, out_shardings=self.replicated)
+        self._scores = None  # compiled on first use: only captioning objectives score captions
 
-    def _run(self, fn, params, model_state, inputs: np.ndarray) -> np.ndarray:
+    def map_batches(self, fn, params, model_state, inputs: np.ndarray, *shared) -> np.ndarray:
+        """fn(params, model_state, batch, *shared) over fixed-size, mesh-sharded batches of
+        ``inputs``; ``shared`` arrays go to every batch whole. Returns float32 numpy outputs."""
         n = len(inputs)
         per_process = self.batch_size // jax.process_count()
         outputs = []
@@ -110,11 +116,18 @@ class Embedder:
             local = chunk[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
             batch = sharding.to_global_batch({"x": local}, self.mesh)["x"]
             # Replicated output: every process can read the whole batch's embeddings.
-            outputs.append(np.asarray(fn(params, model_state, batch))[: self.batch_size - pad])
-        return np.concatenate(outputs).astype(np.float32)
+            outputs.append(np.asarray(fn(params, model_state, batch, *shared))[: self.batch_size - pad])
+        return np.concatenate(outputs)
 
     def images(self, params, model_state, images: np.ndarray) -> np.ndarray:
-        return self._run(self._images, params, model_state, images)
+        return self.map_batches(self._images, params, model_state, images).astype(np.float32)
 
     def texts(self, params, model_state, tokens: np.ndarray) -> np.ndarray:
-        return self._run(self._texts, params, model_state, tokens)
+        return self.map_batches(self._texts, params, model_state, tokens).astype(np.float32)
+
+    def caption_scores(self, params, model_state, images: np.ndarray,
+                       tokens: np.ndarray) -> np.ndarray:
+        """[N, K] log-likelihood of each of K tokenised captions given each image."""
+        if self._scores is None:
+            self._scores = jax.jit(self.objective.score_captions, out_shardings=self.replicated)
+        return self.map_batches(self._scores, params, model_state, images, tokens)

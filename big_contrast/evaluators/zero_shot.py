@@ -1,5 +1,7 @@
-"""Zero-shot classification: class names become text through prompt templates; each class's
-template embeddings are averaged (prompt ensembling) and images take the nearest class."""
+"""Zero-shot classification: class names become text through prompt templates. The
+'embedding' scorer averages each class's template embeddings (prompt ensembling) and images
+take the nearest class; the 'generative' scorer (captioning objectives) ranks classes by the
+decoder's log-likelihood of their prompts given the image, averaged over the templates."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from big_contrast.config import ConfigError
 from big_contrast.data import sources
 from big_contrast.evaluators import common
 
+SCORERS = ("embedding", "generative")
 # Used when neither the config nor the source names templates (e.g. for your own images).
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 
@@ -55,12 +58,19 @@ class ZeroShotClassification:
         (single-object images, where one shape label is the whole truth).
       source, path, image_key: read this evaluator's images from another dataset than
         training's (``data.*`` otherwise), e.g. source='image_folder', path='/data/pets/{split}'.
+      scorer: 'embedding' (contrastive embeddings) or 'generative' (caption log-likelihood).
     """
 
     def __init__(self, embedder, data_config, tokenizer, name: str = "zero_shot", *, split: str,
                  label_key: str = "label", num_examples: int = 1000, class_names=None,
                  class_names_file=None, templates=None, where=None, top_k: int = 1, source=None,
-                 path=None, image_key=None):
+                 path=None, image_key=None, scorer: str = "embedding"):
+        if scorer not in SCORERS:
+            raise ConfigError(f"evals.{name}.scorer is {scorer!r}; scorers: {', '.join(SCORERS)}")
+        if scorer == "generative" and not embedder.objective.can_caption:
+            raise ConfigError(f"evals.{name}.scorer 'generative' needs a captioning objective "
+                              f"(e.g. coca), not {type(embedder.objective).__name__}")
+        self.scorer = scorer
         self.embedder = embedder
         self.tokenizer = tokenizer
         configured = _configured_names(name, class_names, class_names_file)
@@ -87,11 +97,19 @@ class ZeroShotClassification:
             raise ConfigError(f"evals.{name}.templates: each needs exactly one '{{}}'; got {bad}")
         self.top_k = top_k
 
-    def run(self, params, model_state) -> dict:
+    def _scores(self, params, model_state) -> np.ndarray:
+        """[N, num_classes]: higher is more likely."""
+        if self.scorer == "generative":
+            prompts = [t.format(n) for n in self.class_names for t in self.templates]
+            log_likelihood = self.embedder.caption_scores(
+                params, model_state, self.data["image"], self.tokenizer.encode_batch(prompts))
+            return log_likelihood.reshape(len(log_likelihood), len(self.class_names), -1).mean(-1)
         classes = class_embeddings(self.embedder, params, model_state, self.tokenizer,
                                    self.class_names, self.templates)
-        images = self.embedder.images(params, model_state, self.data["image"])
-        order = np.argsort(-(images @ classes.T), axis=1)
+        return self.embedder.images(params, model_state, self.data["image"]) @ classes.T
+
+    def run(self, params, model_state) -> dict:
+        order = np.argsort(-self._scores(params, model_state), axis=1)
         metrics = {"top1": float(np.mean(order[:, 0] == self.labels))}
         if self.top_k > 1:
             hits = (order[:, : self.top_k] == self.labels[:, None]).any(axis=1)

@@ -12,6 +12,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,10 @@ class Attention(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x, pad_mask=None):
+    def __call__(self, x, pad_mask=None, cache=None, position=None):
+        """x [B, T, W] -> [B, T, W]. With ``cache`` ({'k', 'v'}: [B, L, heads, head_dim]) x is
+        one token per sequence at ``position``: its keys and values are written into the cache
+        there, it attends to positions <= ``position``, and (output, new cache) is returned."""
         width = x.shape[-1]
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by {self.heads} heads")
@@ -94,13 +98,22 @@ class Attention(nn.Module):
         qkv = x @ qkv_kernel.reshape(width, -1) + qkv_bias.reshape(-1)
         qkv = qkv.reshape(batch, length, self.heads, 3, head_dim)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        mask = None if pad_mask is None else pad_mask[:, None, None, :]  # [B, 1, 1, T_kv]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+        if cache is not None:
+            start = (0, position, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+            mask = (jnp.arange(k.shape[1]) <= position)[None, None, None, :]
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            mask = None if pad_mask is None else pad_mask[:, None, None, :]  # [B, 1, 1, T_kv]
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
         out_kernel = self.param(
             "out_kernel", dense_init(("heads", "kv", "embed"), in_axis=(0, 1), out_axis=2),
             (self.heads, head_dim, width))
         out_bias = self.param("out_bias", zeros_init(("embed",)), (width,))
-        return y.reshape(batch, length, width) @ out_kernel.reshape(-1, width) + out_bias
+        out = y.reshape(batch, length, width) @ out_kernel.reshape(-1, width) + out_bias
+        return out if cache is None else (out, cache)
 
 
 class MlpBlock(nn.Module):

@@ -41,7 +41,7 @@ def build_text_tower(cfg, vocab_size: int, eos_id: int) -> nn.Module:
                            eos_id=eos_id, remat=cfg.remat)
 
 
-def _l2_normalise(x):
+def l2_normalise(x):
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
@@ -75,11 +75,11 @@ class TwoTower(nn.Module):
 
     def encode_image(self, images, train: bool = False):
         pooled, _ = self.image_tower(images, train=train)
-        return _l2_normalise(self.image_proj(pooled))
+        return l2_normalise(self.image_proj(pooled))
 
     def encode_text(self, tokens, train: bool = False):
         pooled, _ = self.text_tower(tokens, train=train)
-        return _l2_normalise(self.text_proj(pooled))
+        return l2_normalise(self.text_proj(pooled))
 
     def __call__(self, images=None, texts=None, train: bool = False):
         out = {"scale": jnp.exp(self.log_scale)}

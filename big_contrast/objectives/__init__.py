@@ -1,9 +1,10 @@
 """Objectives by config name; adding one is a new module plus an entry here."""
 
 from big_contrast.objectives.base import Objective
+from big_contrast.objectives.coca import CoCa
 from big_contrast.objectives.contrastive import Contrastive
 
-OBJECTIVES = {"contrastive": Contrastive}
+OBJECTIVES = {"contrastive": Contrastive, "coca": CoCa}
 
 
 def build_objective(config, tokenizer) -> Objective:

@@ -43,3 +43,19 @@ class Objective(abc.ABC):
     def embed_texts(self, params, model_state: dict, tokens):
         """L2-normalised text embeddings, for evaluators; objectives without one raise."""
         raise NotImplementedError(f"{type(self).__name__} has no text embedding")
+
+    # Captioning objectives (a text decoder) also provide these three; decoding.py and the
+    # captioning evaluators use them.
+    can_caption = False
+
+    def init_decoding(self, params, model_state: dict, images):
+        """The decoding cache for a batch of images (see decoding.py for its contract)."""
+        raise NotImplementedError(f"{type(self).__name__} has no caption decoder")
+
+    def decode_step(self, params, model_state: dict, cache, token, position):
+        """Feeds one token per sequence at ``position``: (next-token log-probs [N, V], cache)."""
+        raise NotImplementedError(f"{type(self).__name__} has no caption decoder")
+
+    def score_captions(self, params, model_state: dict, images, tokens):
+        """Log-likelihood [B, K] of each of K tokenised captions given each of B images."""
+        raise NotImplementedError(f"{type(self).__name__} has no caption decoder")

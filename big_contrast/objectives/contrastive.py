@@ -15,6 +15,21 @@ from big_contrast.objectives.base import Objective
 from big_contrast.sharding import BATCH_AXES
 
 
+def global_softmax_contrastive(image_emb, text_emb, scale, label_smoothing: float = 0.0):
+    """softmax_contrastive over the global batch: local rows x gathered columns per device."""
+    loss = functools.partial(losses.softmax_contrastive, axis_name=BATCH_AXES,
+                             label_smoothing=label_smoothing)
+    sharded = jax.shard_map(loss, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P())
+    return sharded(image_emb, text_emb, scale)
+
+
+def image_text_spec(config) -> BatchSpec:
+    """One augmented image view and its caption: what image-text objectives train on."""
+    aug = config.data.augment
+    return BatchSpec(views=(ImageView(config.data.image_size, tuple(aug.crop_scale), aug.flip),),
+                     text=True)
+
+
 class Contrastive(Objective):
     """config.model: {image, text, embed_dim, projection, init_scale, learn_scale, max_scale};
     config.loss: {label_smoothing}."""
@@ -29,9 +44,7 @@ class Contrastive(Objective):
             init_scale=model_cfg.init_scale, learn_scale=model_cfg.learn_scale)
         self.max_scale = model_cfg.max_scale
         self.label_smoothing = config.loss.label_smoothing
-        aug = config.data.augment
-        self._spec = BatchSpec(
-            views=(ImageView(config.data.image_size, tuple(aug.crop_scale), aug.flip),), text=True)
+        self._spec = image_text_spec(config)
 
     @property
     def batch_spec(self) -> BatchSpec:
@@ -44,16 +57,10 @@ class Contrastive(Objective):
         out, new_state = self.model.apply(
             {"params": params, **model_state}, batch["image"], batch["text"], train=True,
             rngs={"dropout": rng}, mutable=list(model_state))
-        loss = self.global_loss(out["image"], out["text"], out["scale"])
+        loss = global_softmax_contrastive(out["image"], out["text"], out["scale"],
+                                          self.label_smoothing)
         metrics = {"loss": loss, "temperature": 1.0 / out["scale"]}
         return loss, (metrics, dict(new_state))
-
-    def global_loss(self, image_emb, text_emb, scale):
-        """softmax_contrastive over the global batch: local rows x gathered columns per device."""
-        loss = functools.partial(losses.softmax_contrastive, axis_name=BATCH_AXES,
-                                 label_smoothing=self.label_smoothing)
-        sharded = jax.shard_map(loss, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P())
-        return sharded(image_emb, text_emb, scale)
 
     def postprocess_params(self, params):
         return two_tower.clamp_log_scale(params, self.max_scale)

@@ -1,0 +1,91 @@
+"""CoCa (Yu et al. 2022): one forward pass, two losses. A contrastive loss between the
+attention-pooled image embedding and the unimodal decoder's CLS embedding (softmax InfoNCE
+over the global batch) plus a captioning loss on the multimodal decoder's next-token logits:
+loss = contrastive_weight * contrastive + caption_weight * caption (paper: 1 and 2)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from big_contrast import decoding, losses
+from big_contrast.config import ConfigError
+from big_contrast.models import coca, two_tower
+from big_contrast.objectives.base import Objective
+from big_contrast.objectives.contrastive import global_softmax_contrastive, image_text_spec
+
+
+class CoCa(Objective):
+    """config.model: {image, text.variant, decoder.{unimodal_depth, multimodal_depth,
+    queries}, embed_dim, init_scale, max_scale}; config.loss: {label_smoothing,
+    contrastive_weight, caption_weight, caption_label_smoothing}."""
+
+    can_caption = True
+
+    def __init__(self, config, tokenizer):
+        if not getattr(tokenizer, "can_decode", False):
+            raise ConfigError(f"objective 'coca' generates captions, which the "
+                              f"{config.text.tokenizer!r} tokenizer cannot decode; set "
+                              "text.tokenizer to 'vocab' or 'sentencepiece'")
+        decoder = config.model.decoder
+        self.model = coca.CoCa(
+            image_tower=two_tower.build_image_tower(config.model.image),
+            vocab_size=tokenizer.vocab_size, max_len=config.text.max_len,
+            text_variant=config.model.text.variant, unimodal_depth=decoder.unimodal_depth,
+            multimodal_depth=decoder.multimodal_depth, decoder_queries=decoder.queries,
+            embed_dim=config.model.embed_dim, init_scale=config.model.init_scale)
+        self.pad_id, self.bos_id = tokenizer.pad_id, tokenizer.bos_id
+        self.max_scale = config.model.max_scale
+        loss = config.loss
+        self.label_smoothing = loss.label_smoothing
+        self.weights = (loss.contrastive_weight, loss.caption_weight)
+        self.caption_smoothing = loss.caption_label_smoothing
+        self._spec = image_text_spec(config)
+
+    @property
+    def batch_spec(self):
+        return self._spec
+
+    def init_variables(self, rng, batch):
+        return self.model.init({"params": rng}, batch["image"], batch["text"])
+
+    def loss_fn(self, params, model_state, batch, rng):
+        del rng  # no dropout
+        text = batch["text"]
+        out, new_state = self.model.apply({"params": params, **model_state}, batch["image"], text,
+                                          train=True, mutable=list(model_state))
+        contrastive = global_softmax_contrastive(out["image"], out["text"], out["scale"],
+                                                 self.label_smoothing)
+        targets = text[:, 1:]
+        caption = losses.caption_loss(out["logits"][:, :-1], targets, targets != self.pad_id,
+                                      label_smoothing=self.caption_smoothing)
+        loss = self.weights[0] * contrastive + self.weights[1] * caption
+        metrics = {"loss": loss, "contrastive_loss": contrastive, "caption_loss": caption,
+                   "temperature": 1.0 / out["scale"]}
+        return loss, (metrics, dict(new_state))
+
+    def postprocess_params(self, params):
+        return two_tower.clamp_log_scale(params, self.max_scale)
+
+    def _apply(self, params, model_state, method, *args):
+        return self.model.apply({"params": params, **model_state}, *args, method=method)
+
+    def embed_images(self, params, model_state, images):
+        return self._apply(params, model_state, coca.CoCa.encode_image, images)
+
+    def embed_texts(self, params, model_state, tokens):
+        return self._apply(params, model_state, coca.CoCa.encode_text, tokens)
+
+    def init_decoding(self, params, model_state, images):
+        return self._apply(params, model_state, coca.CoCa.init_decoding, images)
+
+    def decode_step(self, params, model_state, cache, token, position):
+        log_probs, cache = self._apply(params, model_state, coca.CoCa.decode_step, cache, token,
+                                       position)
+        return self.mask_special_tokens(log_probs), cache
+
+    def mask_special_tokens(self, log_probs):
+        """Generation never emits PAD or BOS (neither is ever a training target)."""
+        return log_probs.at[:, jnp.array([self.pad_id, self.bos_id])].set(decoding.NEG_INF)
+
+    def score_captions(self, params, model_state, images, tokens):
+        return self._apply(params, model_state, coca.CoCa.score_captions, images, tokens)
