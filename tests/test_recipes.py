@@ -7,6 +7,7 @@ import os
 import jax
 
 from big_contrast import config as bc
+from big_contrast.data.tokenizers import VocabularyTokenizer
 from big_contrast.experiment import Experiment
 from tests.helpers import REPO
 
@@ -53,3 +54,24 @@ def test_fsdp_mesh_shards_the_paper_recipe_parameters():
     kernel = state.params["text_tower"]["token_embed"]["embedding"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("model", "fsdp")
     assert dict(exp.mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
+
+
+def test_coca_base_recipe_shape_checks_near_the_paper_parameter_count(tmp_path):
+    # A 64k-word vocabulary file stands in for the recipe's 64k SentencePiece model.
+    vocabulary = tmp_path / "vocab.json"
+    VocabularyTokenizer([f"w{i}" for i in range(64_000 - 4)]).save(str(vocabulary))
+    config, exp, state = _abstract_state("coca.py:B", **{
+        "text.tokenizer": "vocab", "text.model_path": str(vocabulary)})
+    params = state.params
+    assert config.batch_size == 65_536 and exp.total_steps == 500_000
+    assert exp.warmup_steps == 10_000 and config.optim.name == "adafactor"
+    image = _count(params["image_tower"])
+    decoder = _count(params) - image
+    # CoCa-Base (Yu et al. 2022, Table 1): 86M image encoder, 297M text decoder, 383M total.
+    assert 85e6 < image < 88e6, image
+    assert 0.9 * 297e6 < decoder < 1.15 * 297e6, decoder
+    assert params["decoder_pooler"]["queries"].shape == (256, 768)
+    assert len([k for k in params if k.startswith("multimodal_")]) == 12
+    assert len([k for k in params if k.startswith("unimodal_")]) == 12
+    # Adafactor factors the second moments: far less optimizer state than Adam's two copies.
+    assert _count(state.opt_state) < 1.2 * _count(state.params)
