@@ -241,9 +241,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(
         {"variant": "M", "causal": True, "pool": "eos", "remat": False})
     # The text decoder of captioning objectives (coca): model.text.variant sets its width;
-    # depths per half (None: the variant's depth) and the image tokens it attends to.
+    # depths per half (None: the variant's depth), the image tokens it attends to, and the
+    # attention heads of the two poolers that make them (None: the variant's).
     c.model.decoder = ml_collections.ConfigDict(
-        {"unimodal_depth": placeholder(int), "multimodal_depth": placeholder(int), "queries": 256})
+        {"unimodal_depth": placeholder(int), "multimodal_depth": placeholder(int), "queries": 256,
+         "pooler_heads": placeholder(int)})
     c.model.embed_dim = 512
     c.model.projection = "linear"  # linear | mlp | none
     c.model.init_scale = 1 / 0.07  # CLIP's initial logit scale

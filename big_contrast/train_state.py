@@ -100,8 +100,12 @@ class StateFactory:
 
     def shardings(self, abstract_state: TrainState) -> TrainState:
         replicated = sharding.replicated(self.mesh)
+        # Optimizer leaves shaped like their parameter (Adam's moments) are sharded like it;
+        # others in a params-shaped tree (Adafactor's factored row/column statistics) are small
+        # and replicated.
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract_state.opt_state, self.param_shardings,
+            self.tx, lambda leaf, s, param: s if leaf.shape == param.shape else replicated,
+            abstract_state.opt_state, self.param_shardings, abstract_state.params,
             transform_non_params=lambda _: replicated)
         ema = (ema_targets(self.param_shardings, self.model_state_shardings)
                if self.ema_decay else {})

@@ -82,6 +82,13 @@ def validate(config) -> None:
     _choice("optim.decay", config.optim.decay, optim.DECAYS)
     for name, spec in config.evals.items():
         _choice(f"evals.{name}.type", spec.get("type"), sorted(evaluators.EVALUATORS))
+        objective = OBJECTIVES[config.objective]
+        if spec.get("type") == "captioning" and not objective.can_caption:
+            raise ConfigError(f"evals.{name} (captioning) needs a captioning objective (e.g. "
+                              f"coca), not {objective.__name__}")
+        if spec.get("scorer") == "generative" and not objective.can_caption:
+            raise ConfigError(f"evals.{name}.scorer 'generative' needs a captioning objective "
+                              f"(e.g. coca), not {objective.__name__}")
     _choice("eval_weights", config.eval_weights, EVAL_WEIGHTS)
     if config.eval_weights == "ema" and not config.ema_decay:
         raise ConfigError("eval_weights is 'ema' but ema_decay is 0 (no averaged weights)")
@@ -97,8 +104,15 @@ def validate(config) -> None:
         value = config[key]
         _check(key, value, value is None or value > 0, "> 0")
     _check("ema_decay", config.ema_decay, 0 <= config.ema_decay < 1, "in [0, 1)")
-    _check("loss.label_smoothing", config.loss.label_smoothing,
-           0 <= config.loss.label_smoothing < 1, "in [0, 1)")
+    for key in ("loss.label_smoothing", "loss.caption_label_smoothing"):
+        _check(key, _number(config, key), 0 <= _number(config, key) < 1, "in [0, 1)")
+    for key in ("loss.contrastive_weight", "loss.caption_weight"):
+        _check(key, _number(config, key), _number(config, key) >= 0, ">= 0")
+    _check("model.decoder.queries", config.model.decoder.queries,
+           config.model.decoder.queries > 0, "> 0")
+    for key in ("model.decoder.unimodal_depth", "model.decoder.multimodal_depth"):
+        value = _number(config, key)
+        _check(key, value, value is None or value > 0, "> 0 (or None: the text variant's depth)")
     _check("data.max_corrupt_fraction", config.data.max_corrupt_fraction,
            0 <= config.data.max_corrupt_fraction <= 1, "in [0, 1]")
     for key in ("optim.b1", "optim.b2"):

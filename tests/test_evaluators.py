@@ -219,7 +219,7 @@ def test_zero_shot_accepts_integer_labels_with_names_from_the_config(tmp_path):
      r"evals\.pets\.source is 'imagefolder'; did you mean 'image_folder'"),
     ({"source": "image_folder"}, r"evals\.pets\.path is not set: a 'image_folder' source"),
     ({"class_names_file": "/nonexistent/names.txt"},
-     r"evals\.pets\.class_names_file: no file '/nonexistent/names\.txt'"),
+     r"evals\.pets\.class_names_file: no class-names file '/nonexistent/names\.txt'"),
     ({"templates": ["a photo of a"]}, r"evals\.pets\.templates: each needs exactly one"),
     ({"label_key": "labels"},
      r"evals\.pets \(zero_shot\): manifest .* has no column\(s\) \['labels'\]; "

@@ -201,6 +201,10 @@ def test_a_workdir_of_another_configuration_is_refused_and_safe_changes_extend_a
     ("optim.lr", "0", "optim.lr must be > 0, got 0.0"),
     ("optim.weight_decay", "-0.1", "optim.weight_decay must be >= 0"),
     ("data.augment.crop_scale", "(0.5, 1.5)", "data.augment.crop_scale must be (low, high)"),
+    ("loss.caption_weight", "-2", "loss.caption_weight must be >= 0, got -2.0"),
+    ("model.decoder.queries", "0", "model.decoder.queries must be > 0, got 0"),
+    ("evals", "{'c': {'type': 'captioning', 'split': 'val'}}",
+     "evals.c (captioning) needs a captioning objective (e.g. coca), not Contrastive"),
 ])
 def test_bad_config_values_are_named_before_anything_compiles(key, value, message):
     config = _config()

@@ -73,5 +73,7 @@ def test_coca_base_recipe_shape_checks_near_the_paper_parameter_count(tmp_path):
     assert params["decoder_pooler"]["queries"].shape == (256, 768)
     assert len([k for k in params if k.startswith("multimodal_")]) == 12
     assert len([k for k in params if k.startswith("unimodal_")]) == 12
-    # Adafactor factors the second moments: far less optimizer state than Adam's two copies.
-    assert _count(state.opt_state) < 1.2 * _count(state.params)
+    # Adafactor: momentum (one copy) + factored second moments. Attention kernels stored per
+    # head ([768, 12, 3, 64]) have a second-largest dimension under optax's 128 and keep full
+    # second moments, so the state is ~1.3x the parameters, against Adam's 2x.
+    assert 1.0 < _count(state.opt_state) / _count(state.params) < 1.4

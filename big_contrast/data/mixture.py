@@ -11,7 +11,6 @@ captions through templates. An empty ``data.mixture`` means data.source alone.
 from __future__ import annotations
 
 import math
-import os
 
 import grain
 import ml_collections
@@ -163,16 +162,10 @@ def _build_part(data_config, entry, split: str, captions: bool, seed: int):
 def _configured_class_names(entry):
     """The entry's class names (a list, or a file of one name per line), or None."""
     path = entry.get("class_names_file")
-    if path is None:
-        names = entry.get("class_names")
-        return None if names is None else tuple(str(n) for n in names)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"class_names_file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        names = tuple(line.strip() for line in f if line.strip())
-    if not names:
-        raise ValueError(f"class_names_file {path!r} names no classes")
-    return names
+    if path is not None:
+        return sources.read_class_names_file(path)
+    names = entry.get("class_names")
+    return None if names is None else tuple(str(n) for n in names)
 
 
 def _subseed(seed: int, index: int) -> int:

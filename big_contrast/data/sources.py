@@ -399,6 +399,17 @@ def build_source(data_config, split: str, *, captions: bool = True,
     raise ValueError(f"unknown data.source {kind!r}; choose {', '.join(SOURCES)}")
 
 
+def read_class_names_file(path: str) -> tuple[str, ...]:
+    """Class names from a text file, one per line in label order (blank lines ignored)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no class-names file {path!r}")
+    with open(path, encoding="utf-8") as f:
+        names = tuple(line.strip() for line in f if line.strip())
+    if not names:
+        raise ValueError(f"class-names file {path!r} names no classes")
+    return names
+
+
 def class_names(source, label_key: str):
     """The source's class names for a label field, if it knows them (the synthetic world, an
     image folder, a manifest of named labels)."""

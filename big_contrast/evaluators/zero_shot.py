@@ -5,7 +5,6 @@ decoder's log-likelihood of their prompts given the image, averaged over the tem
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -32,13 +31,10 @@ def _configured_names(name: str, class_names, class_names_file):
         raise ConfigError(f"evals.{name}: set class_names or class_names_file, not both")
     if not class_names_file:
         return tuple(str(n) for n in class_names) if class_names else None
-    if not os.path.isfile(class_names_file):
-        raise ConfigError(f"evals.{name}.class_names_file: no file {class_names_file!r}")
-    with open(class_names_file, encoding="utf-8") as f:
-        names = tuple(line.strip() for line in f if line.strip())
-    if not names:
-        raise ConfigError(f"evals.{name}.class_names_file: {class_names_file!r} names no classes")
-    return names
+    try:
+        return sources.read_class_names_file(class_names_file)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"evals.{name}.class_names_file: {e}") from None
 
 
 class ZeroShotClassification:

@@ -77,7 +77,7 @@ class AttentionalPooler(nn.Module):
     def __call__(self, tokens):
         queries = self.param("queries", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, "embed")), (self.num_queries, self.width))
-        context = nn.LayerNorm(epsilon=1e-5, name="ln_context")(tokens)
+        context = transformer.layer_norm("ln_context")(tokens)
         keys_values = KeyValueProjection(self.heads, self.width // self.heads, name="kv")(context)
         q = jnp.broadcast_to(queries.astype(context.dtype), (tokens.shape[0], *queries.shape))
         pooled = CrossAttention(self.heads, name="attn")(q, keys_values)
@@ -132,6 +132,7 @@ class CoCa(nn.Module):
       vocab_size, max_len: the tokenizer's; positions are max_len + 1 (the CLS slot).
       text_variant: decoder size (transformer.SIZES); its depth is per half.
       decoder_queries: image tokens the multimodal half attends to (paper: 256).
+      pooler_heads: attention heads of both poolers (None: the decoder's).
       embed_dim: contrastive embedding size; init_scale: initial logit scale (1 / temperature).
     ``__call__`` returns {'image', 'text' (L2-normalised), 'scale', 'logits' [B, T, V]};
     logits[:, t] predict token t + 1.
@@ -144,6 +145,7 @@ class CoCa(nn.Module):
     unimodal_depth: int | None = None
     multimodal_depth: int | None = None
     decoder_queries: int = 256
+    pooler_heads: int | None = None
     embed_dim: int = 512
     init_scale: float = 1 / 0.07
 
@@ -152,8 +154,9 @@ class CoCa(nn.Module):
         width = size.width
         uni = size.depth if self.unimodal_depth is None else self.unimodal_depth
         multi = size.depth if self.multimodal_depth is None else self.multimodal_depth
-        self.contrastive_pooler = AttentionalPooler(1, width, size.heads)
-        self.decoder_pooler = AttentionalPooler(self.decoder_queries, width, size.heads)
+        pooler_heads = self.pooler_heads or size.heads
+        self.contrastive_pooler = AttentionalPooler(1, width, pooler_heads)
+        self.decoder_pooler = AttentionalPooler(self.decoder_queries, width, pooler_heads)
         self.image_proj = heads.Projection(self.embed_dim, "linear")
         self.text_proj = heads.Projection(self.embed_dim, "linear")
         self.token_embed = nn.Embed(self.vocab_size, width, embedding_init=nn.with_logical_partitioning(

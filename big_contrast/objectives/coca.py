@@ -16,7 +16,7 @@ from big_contrast.objectives.contrastive import global_softmax_contrastive, imag
 
 class CoCa(Objective):
     """config.model: {image, text.variant, decoder.{unimodal_depth, multimodal_depth,
-    queries}, embed_dim, init_scale, max_scale}; config.loss: {label_smoothing,
+    queries, pooler_heads}, embed_dim, init_scale, max_scale}; config.loss: {label_smoothing,
     contrastive_weight, caption_weight, caption_label_smoothing}."""
 
     can_caption = True
@@ -32,6 +32,7 @@ class CoCa(Objective):
             vocab_size=tokenizer.vocab_size, max_len=config.text.max_len,
             text_variant=config.model.text.variant, unimodal_depth=decoder.unimodal_depth,
             multimodal_depth=decoder.multimodal_depth, decoder_queries=decoder.queries,
+            pooler_heads=decoder.pooler_heads,
             embed_dim=config.model.embed_dim, init_scale=config.model.init_scale)
         self.pad_id, self.bos_id = tokenizer.pad_id, tokenizer.bos_id
         self.max_scale = config.model.max_scale
