@@ -36,9 +36,9 @@ def _coca(c):
 
 def _demo(c):
     c.batch_size = 128
-    c.total_steps = 1000
+    c.total_steps = 1300  # at 1,000 steps held-out zero-shot was 0.846 and 0.814 (seeds 0, 1)
     c.log_every = 50
-    c.checkpoint_every = 250
+    c.checkpoint_every = 325
     c.optim.lr = 4e-3
     c.optim.weight_decay = 0.1
     c.optim.warmup_steps = 50
