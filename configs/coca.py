@@ -89,7 +89,6 @@ def _paper_base(c):
     c.model.image.pool = "gap"  # unused: the attentional poolers read the tokens
     c.model.image.remat = True
     c.model.text.variant = "B"  # 768 wide, 12 heads; 12 layers per half
-    c.model.text.remat = True
     c.model.decoder.queries = 256
     c.model.embed_dim = 768
     c.text.tokenizer = "sentencepiece"
