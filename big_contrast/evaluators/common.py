@@ -104,7 +104,7 @@ class Embedder:
 
     def map_batches(self, fn, params, model_state, inputs: np.ndarray, *shared) -> np.ndarray:
         """fn(params, model_state, batch, *shared) over fixed-size, mesh-sharded batches of
-        ``inputs``; ``shared`` arrays go to every batch whole. Returns float32 numpy outputs."""
+        ``inputs``; ``shared`` arrays go to every batch whole. Returns the outputs as numpy."""
         n = len(inputs)
         per_process = self.batch_size // jax.process_count()
         outputs = []

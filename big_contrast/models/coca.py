@@ -185,6 +185,10 @@ class CoCa(nn.Module):
         pooled = self.contrastive_pooler(tokens)[:, 0]
         return l2_normalise(self.image_proj(pooled)), self.decoder_pooler(tokens)
 
+    def image_context(self, images):
+        """Only the decoder's context tokens [B, Q, W] (decoding and caption scoring)."""
+        return self.decoder_pooler(self.image_tower(images, train=False)[1])
+
     def encode_image(self, images, train: bool = False):
         return self.image_features(images, train)[0]
 
@@ -227,7 +231,7 @@ class CoCa(nn.Module):
     def init_decoding(self, images):
         """The decoding cache for a batch of images: cross-attention keys/values of the image
         context (computed once here) and empty self-attention caches of max_len positions."""
-        _, context = self.image_features(images)
+        context = self.image_context(images)
         batch = images.shape[0]
 
         def empty(block):
@@ -255,7 +259,7 @@ class CoCa(nn.Module):
     def score_captions(self, images, tokens):
         """Log-likelihood [B, K] of each of K captions [K, T] given each image: the unimodal
         half runs once per caption, the multimodal half once per (image, caption) pair."""
-        _, context = self.image_features(images)
+        context = self.image_context(images)
         _, states = self.unimodal_text(tokens)
         num_images, num_texts = context.shape[0], tokens.shape[0]
         states = jnp.broadcast_to(states[None], (num_images, *states.shape)).reshape(
