@@ -210,10 +210,13 @@ def run_evaluations(evaluators, state, weights: tuple[str, ...]) -> dict:
 
 
 def result_of(key: str, evaluators) -> str | None:
-    """The evaluator a metric key ('<eval>/<metric>' or 'ema/<eval>/<metric>') belongs to."""
+    """The evaluator a metric key ('<eval>/<metric>' or 'ema/<eval>/<metric>', where the
+    metric may itself hold slashes, e.g. 'knn/val/top1') belongs to."""
+    names = {e.name for e in evaluators}
     parts = key.split("/")
-    name = parts[-2] if len(parts) >= 2 else None
-    return name if name in {e.name for e in evaluators} else None
+    if len(parts) > 2 and parts[0] == "ema" and parts[1] in names:
+        return parts[1]
+    return parts[0] if len(parts) >= 2 and parts[0] in names else None
 
 
 def unfinished(evaluators, step: int, total_steps: int, recorded) -> set[str]:

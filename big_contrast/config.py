@@ -208,7 +208,7 @@ def base_config() -> ml_collections.ConfigDict:
     ]
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # adamw | lamb
+    c.optim.name = "adamw"  # adamw | lamb | adafactor | lars
     c.optim.lr = 5e-4
     c.optim.b1 = 0.9
     c.optim.b2 = 0.98
@@ -220,22 +220,45 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = placeholder(int)
     c.optim.warmup_examples = placeholder(int)
     c.optim.warmup_epochs = placeholder(float)
-    # Parameters matching these regexes (and all vectors/scalars) get no weight decay.
+    c.optim.momentum = 0.9  # lars
+    c.optim.trust_coefficient = 0.001  # lars: eta in eta * |w| / |g + wd * w|
+    # Parameter groups (named by the objective; by default 'vectors': biases, norm scales and
+    # scalars, and 'weights') spared weight decay and LARS trust-ratio scaling, and parameters
+    # matching these regexes, which get no weight decay either.
+    c.optim.exclude_groups = ["vectors"]
     c.optim.no_decay = ["posemb", "/cls$", "log_scale"]
 
     # label_smoothing: of the contrastive targets. Captioning objectives (coca) add
     # contrastive_weight * contrastive + caption_weight * caption (the paper: 1 and 2).
+    # temperature: of the image-only objectives' softmaxes (simclr, swav).
     c.loss = ml_collections.ConfigDict(
         {"label_smoothing": 0.0, "contrastive_weight": 1.0, "caption_weight": 2.0,
-         "caption_label_smoothing": 0.0})
+         "caption_label_smoothing": 0.0, "temperature": 0.1})
+    # SwAV: codes from the first assign_crops crops (Sinkhorn: epsilon, iterations); a queue of
+    # queue_length past embeddings (a multiple of batch_size; 0: none), filled from
+    # queue_start_step and used once full; prototypes frozen for the first
+    # freeze_prototypes_steps optimizer steps.
+    c.swav = ml_collections.ConfigDict(
+        {"assign_crops": 2, "epsilon": 0.05, "sinkhorn_iterations": 3, "queue_length": 0,
+         "queue_start_step": 0, "freeze_prototypes_steps": 0})
+    # SimCLR: loss 'ntxent' (NT-Xent) or 'dcl' (decoupled: the positive left out of the
+    # denominator); hard_negatives: MoCHi mixing (top_n > 0 turns it on) of each anchor's
+    # top_n hardest negatives into pair_mixes synthetic negatives, and of the anchor with
+    # them into anchor_mixes more (anchor weight below max_anchor_weight).
+    c.simclr = ml_collections.ConfigDict(
+        {"loss": "ntxent", "hard_negatives": {"top_n": 0, "pair_mixes": 0, "anchor_mixes": 0,
+                                              "max_anchor_weight": 0.5}})
 
     c.model = ml_collections.ConfigDict()
     c.model.image = ml_collections.ConfigDict(
         {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "norm": "batch",
          "bn_momentum": placeholder(float), "drop_connect": 0.2, "max_stride": placeholder(int),
          "remat": False})
-    # pool: vit cls | gap; convnet and efficientnet gap | max | gap_max. stem: vit patch | conv;
-    # convnet none | space_to_depth; efficientnet stride2 (the paper) | stride1 (small images).
+    # type: vit | convnet | efficientnet | resnet. variant: resnet 18 | 34 | 50 | 101 | 152, or
+    # tiny | small for 32x32 images (models/resnet.py). pool: vit cls | gap; convnet,
+    # efficientnet and resnet gap | max | gap_max. stem: vit patch | conv; convnet none |
+    # space_to_depth; efficientnet stride2 (the paper) | stride1 (small images); resnet
+    # imagenet (7x7 conv + max-pool) | cifar (3x3 conv, no pool).
     # norm: convnet only. bn_momentum: running-statistics decay (None: the tower's default).
     # drop_connect, max_stride: efficientnet's stochastic-depth rate and cap on the total stride.
     c.model.text = ml_collections.ConfigDict(
@@ -247,6 +270,10 @@ def base_config() -> ml_collections.ConfigDict:
         {"unimodal_depth": placeholder(int), "multimodal_depth": placeholder(int), "queries": 256,
          "pooler_heads": placeholder(int)})
     c.model.embed_dim = 512
+    # Image-only objectives (simclr, swav): the projection MLP after the image tower
+    # ((Dense-BN-ReLU) x (layers - 1), Dense to embed_dim) and SwAV's prototypes.
+    c.model.head = ml_collections.ConfigDict({"hidden_dim": 2048, "layers": 2})
+    c.model.num_prototypes = 3000
     c.model.projection = "linear"  # linear | mlp | none
     c.model.init_scale = 1 / 0.07  # CLIP's initial logit scale
     c.model.learn_scale = True
@@ -278,8 +305,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_corrupt_fraction = 0.1
     c.data.max_image_pixels = 89_478_485  # larger images are refused before decoding
     c.data.synthetic = ml_collections.ConfigDict(
-        {"seed": 0, "num_records": 10_000_000, "two_object_prob": 0.3, "grey_prob": 0.15})
-    c.data.augment = ml_collections.ConfigDict({"crop_scale": (1.0, 1.0), "flip": False})
+        {"seed": 0, "num_records": 10_000_000, "two_object_prob": 0.3, "grey_prob": 0.15,
+         "backgrounds": ("plain", "noisy", "striped", "checkered", "shaded", "mottled"),
+         "positions": ("top left", "top", "top right", "left", "centre", "right",
+                       "bottom left", "bottom", "bottom right")})
+    # Per-view augmentation: random-resized-crop area range, flips, colour jitter of strength s
+    # (brightness, contrast, saturation 0.8 s, hue 0.2 s or hue_jitter turns, with probability
+    # jitter_prob),
+    # grayscale, Gaussian blur (its sigma range in pixels at 224 px, scaled with the view's
+    # size) and solarisation (the second global view only) probabilities.
+    c.data.augment = ml_collections.ConfigDict(
+        {"crop_scale": (1.0, 1.0), "flip": False, "colour_jitter": 0.0,
+         "hue_jitter": placeholder(float), "jitter_prob": 0.8,
+         "grayscale_prob": 0.0, "blur_prob": 0.0, "blur_sigma": (0.1, 2.0),
+         "solarize_prob": 0.0})
+    # Image-only objectives' views: global_crops at data.image_size with area in global_scale,
+    # then local_crops at local_size with area in local_scale (SwAV: 2 x 224 + 6 x 96).
+    c.data.multicrop = ml_collections.ConfigDict(
+        {"global_crops": 2, "global_scale": (0.14, 1.0), "local_crops": 0, "local_size": 96,
+         "local_scale": (0.05, 0.14)})
     # Training on a weighted mixture of sources instead of data.source alone (empty: data.source):
     # data.mixture.<name> = {weight (> 0, relative), source, path, tfds_name, image_key,
     # caption_key, synthetic (some data.synthetic keys); each not given is data.<key>'s}. A part

@@ -24,9 +24,11 @@ def build_tokenizer(config, workdir: str | None = None) -> tokenizers.Tokenizer:
 
 
 def example_batch(spec, max_len: int) -> dict:
-    """A one-example batch with the spec's shapes, for initialising parameters."""
-    batch = {key: np.zeros((1, view.size, view.size, 3), np.uint8)
-             for key, view in zip(spec.image_keys(), spec.views)}
+    """A one-example batch with the spec's shapes, for initialising parameters: 'image'
+    [1, H, W, 3] for one view, 'crops_{size}' [1, num_views, size, size, 3] per resolution for
+    several (BatchSpec.image_groups)."""
+    batch = {group.key: np.zeros((1, *group.example_shape), np.uint8)
+             for group in spec.image_groups()}
     if spec.text:
         batch["text"] = np.zeros((1, max_len), np.int32)
     return batch
@@ -74,7 +76,8 @@ class Experiment:
                        if debug.poison_step else None)
         self.state_factory = StateFactory(
             self.objective,
-            lambda params: optim.make_optimizer(config.optim, params, self.total_steps,
-                                                self.warmup_steps),
+            lambda params: optim.make_optimizer(
+                config.optim, params, self.total_steps, self.warmup_steps,
+                self.objective.param_groups(params), self.objective.frozen_groups()),
             example_batch(self.objective.batch_spec, config.text.max_len),
             self.mesh, self.rules, config.seed, config.ema_decay)

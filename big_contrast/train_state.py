@@ -65,6 +65,11 @@ def evaluation_weights(state: "TrainState", which: str) -> tuple[Any, dict]:
     return state.ema["params"], {**state.model_state, **averaged}
 
 
+def _path_key(path) -> tuple[str, ...]:
+    """A pytree path as a tuple of names, whatever the key types (dict keys, attributes)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 class StateFactory:
     """Builds the train state directly sharded (no host copy of the parameters).
 
@@ -100,13 +105,23 @@ class StateFactory:
 
     def shardings(self, abstract_state: TrainState) -> TrainState:
         replicated = sharding.replicated(self.mesh)
-        # Optimizer leaves shaped like their parameter (Adam's moments) are sharded like it;
-        # others in a params-shaped tree (Adafactor's factored row/column statistics) are small
-        # and replicated.
-        opt_shardings = optax.tree_map_params(
-            self.tx, lambda leaf, s, param: s if leaf.shape == param.shape else replicated,
-            abstract_state.opt_state, self.param_shardings, abstract_state.params,
-            transform_non_params=lambda _: replicated)
+        # An optimizer leaf whose path ends with a parameter's path and that has its shape
+        # (Adam's moments, LARS momentum, also inside optax.partition's per-group states) is
+        # sharded like the parameter; the rest (counts, Adafactor's factored row and column
+        # statistics) are small and replicated.
+        params = {_path_key(path): (leaf.shape, shard) for (path, leaf), shard in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_state.params),
+            jax.tree.leaves(self.param_shardings), strict=True)}
+
+        def opt_sharding(path, leaf):
+            key = _path_key(path)
+            for start in range(len(key)):  # the longest matching suffix first
+                shape, shard = params.get(key[start:], (None, None))
+                if shape == leaf.shape:
+                    return shard
+            return replicated
+
+        opt_shardings = jax.tree_util.tree_map_with_path(opt_sharding, abstract_state.opt_state)
         ema = (ema_targets(self.param_shardings, self.model_state_shardings)
                if self.ema_decay else {})
         return TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
@@ -125,6 +140,15 @@ class StateFactory:
         # Initialisation runs once: XLA's cheapest optimisation level compiles it ~5x faster
         # (random-number kernels dominate); values agree with the optimised build to 1 ulp.
         init = jax.jit(self._init, out_shardings=out_shardings,
+                       compiler_options={"xla_backend_optimization_level": 0})
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return init(jax.random.PRNGKey(self._seed))
+
+    def initial_weights(self) -> tuple[Any, dict]:
+        """(params, model_state) as ``create()`` initialises them, without optimizer state:
+        the randomly initialised network that evaluators report as a baseline."""
+        init = jax.jit(lambda rng: split_variables(nn.unbox(self._init_variables(rng))),
+                       out_shardings=(self.param_shardings, self.model_state_shardings),
                        compiler_options={"xla_backend_optimization_level": 0})
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return init(jax.random.PRNGKey(self._seed))
@@ -165,7 +189,8 @@ def make_train_step(factory: StateFactory, state_shardings: TrainState, poison: 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
-        (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+        (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng,
+                                                     state.step)
         grads = spoil(state.step, "grads", grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = objective.postprocess_params(optax.apply_updates(state.params, updates))

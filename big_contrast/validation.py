@@ -6,7 +6,8 @@ from __future__ import annotations
 from big_contrast import evaluators, optim
 from big_contrast.config import ConfigError, closest_suggestion
 from big_contrast.data import mixture, sources, tokenizers
-from big_contrast.models import convnet, efficientnet, heads, image_layers, transformer, two_tower
+from big_contrast.models import (convnet, efficientnet, heads, image_layers, resnet, transformer,
+                                 two_tower)
 from big_contrast.objectives import OBJECTIVES
 
 EVAL_WEIGHTS = ("both", "online", "ema")
@@ -45,6 +46,10 @@ def _image_tower(cfg) -> None:
             _choice("model.image.stem", cfg.stem, ("none", "space_to_depth"))
             _choice("model.image.norm", cfg.norm, ("batch", "none"))
             _choice("model.image.pool", cfg.pool, image_layers.POOLS)
+        elif cfg.type == "resnet":
+            resnet.spec(cfg.variant)
+            _choice("model.image.stem", cfg.stem, resnet.STEMS)
+            _choice("model.image.pool", cfg.pool, image_layers.POOLS)
         else:
             efficientnet.scaling(cfg.variant)
             _choice("model.image.stem", cfg.stem, ("stride2", "stride1"))
@@ -57,8 +62,79 @@ def _image_tower(cfg) -> None:
         if cfg.bn_momentum is not None:
             _check("model.image.bn_momentum", cfg.bn_momentum, 0 <= cfg.bn_momentum < 1,
                    "in [0, 1)")
+    except ConfigError:
+        raise  # already names its key (a ConfigError is a ValueError)
     except ValueError as e:
         raise ConfigError(f"model.image.variant {cfg.variant!r}: {e}") from None
+
+
+TEXT_EVALUATORS = ("zero_shot", "retrieval", "captioning")
+
+
+def _probability(key: str, value) -> None:
+    _check(key, value, 0 <= value <= 1, "a probability in [0, 1]")
+
+
+def _augmentation(config) -> None:
+    augment = config.data.augment
+    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        _probability(f"data.augment.{name}", augment[name])
+    _check("data.augment.colour_jitter", augment.colour_jitter,
+           0 <= augment.colour_jitter <= 2.5, "in [0, 2.5] (its hue shift 0.2 s <= 0.5 turns)")
+    _check("data.augment.hue_jitter", augment.hue_jitter,
+           augment.hue_jitter is None or 0 <= augment.hue_jitter <= 0.5,
+           "in [0, 0.5] turns (or None: 0.2 x colour_jitter)")
+    for key in ("data.augment.crop_scale", "data.multicrop.global_scale",
+                "data.multicrop.local_scale"):
+        scale = tuple(_number(config, key))
+        _check(key, scale, len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+               "(low, high) with 0 < low <= high <= 1")
+
+
+def _image_only(config) -> None:
+    """The multi-crop views and the SimCLR / SwAV settings."""
+    crops = config.data.multicrop
+    _check("data.multicrop.global_crops", crops.global_crops, crops.global_crops >= 1, ">= 1")
+    _check("data.multicrop.local_crops", crops.local_crops, crops.local_crops >= 0, ">= 0")
+    _check("data.multicrop.local_size", crops.local_size, crops.local_size > 0, "> 0")
+    _check("loss.temperature", config.loss.temperature, config.loss.temperature > 0, "> 0")
+    _check("model.head.layers", config.model.head.layers, config.model.head.layers >= 1, ">= 1")
+    _check("model.head.hidden_dim", config.model.head.hidden_dim,
+           config.model.head.hidden_dim > 0, "> 0")
+    if config.objective == "simclr":
+        _check("data.multicrop.global_crops", crops.global_crops, crops.global_crops == 2,
+               "2 for simclr (two views per image)")
+        _check("data.multicrop.local_crops", crops.local_crops, crops.local_crops == 0,
+               "0 for simclr")
+        _choice("simclr.loss", config.simclr.loss, ("ntxent", "dcl"))
+        mixing = config.simclr.hard_negatives
+        for name in ("top_n", "pair_mixes", "anchor_mixes"):
+            _check(f"simclr.hard_negatives.{name}", mixing[name], mixing[name] >= 0, ">= 0")
+        if mixing.top_n:
+            _check("simclr.hard_negatives", mixing.to_dict(),
+                   mixing.pair_mixes + mixing.anchor_mixes > 0,
+                   "given pair_mixes or anchor_mixes > 0 when top_n > 0")
+            _check("simclr.hard_negatives.max_anchor_weight", mixing.max_anchor_weight,
+                   0 < mixing.max_anchor_weight <= 1, "in (0, 1]")
+    if config.objective == "swav":
+        swav = config.swav
+        # With K <= D every embedding can sit orthogonal to all K prototypes: equal scores,
+        # uniform codes and predictions, a zero gradient, and a loss stuck at ln K.
+        _check("model.num_prototypes", config.model.num_prototypes,
+               config.model.num_prototypes > config.model.embed_dim,
+               f"> model.embed_dim ({config.model.embed_dim}), or embeddings orthogonal to "
+               "every prototype are a fixed point (the loss stays at ln K)")
+        _check("swav.assign_crops", swav.assign_crops, 1 <= swav.assign_crops <= crops.global_crops,
+               f"between 1 and data.multicrop.global_crops ({crops.global_crops})")
+        _check("data.multicrop", f"{crops.global_crops} + {crops.local_crops} crops",
+               crops.global_crops + crops.local_crops >= 2, "at least 2 crops in all")
+        _check("swav.epsilon", swav.epsilon, swav.epsilon > 0, "> 0")
+        _check("swav.sinkhorn_iterations", swav.sinkhorn_iterations,
+               swav.sinkhorn_iterations >= 1, ">= 1")
+        for name in ("queue_length", "queue_start_step", "freeze_prototypes_steps"):
+            _check(f"swav.{name}", swav[name], swav[name] >= 0, ">= 0")
+        _check("swav.queue_length", swav.queue_length, swav.queue_length % config.batch_size == 0,
+               f"a multiple of batch_size ({config.batch_size}): the queue holds whole batches")
 
 
 def validate(config) -> None:
@@ -86,9 +162,14 @@ def validate(config) -> None:
         if spec.get("type") == "captioning" and not objective.can_caption:
             raise ConfigError(f"evals.{name} (captioning) needs a captioning objective (e.g. "
                               f"coca), not {objective.__name__}")
+        if spec.get("type") in TEXT_EVALUATORS and not objective.embeds_text:
+            raise ConfigError(f"evals.{name} ({spec.get('type')}) compares images with text, "
+                              f"but {objective.__name__} is image-only; use 'knn' or "
+                              f"'linear_probe'")
         if spec.get("scorer") == "generative" and not objective.can_caption:
             raise ConfigError(f"evals.{name}.scorer 'generative' needs a captioning objective "
                               f"(e.g. coca), not {objective.__name__}")
+    _image_only(config)
     _choice("eval_weights", config.eval_weights, EVAL_WEIGHTS)
     if config.eval_weights == "ema" and not config.ema_decay:
         raise ConfigError("eval_weights is 'ema' but ema_decay is 0 (no averaged weights)")
@@ -117,6 +198,7 @@ def validate(config) -> None:
            0 <= config.data.max_corrupt_fraction <= 1, "in [0, 1]")
     for key in ("optim.b1", "optim.b2"):
         _check(key, _number(config, key), 0 <= _number(config, key) < 1, "in [0, 1)")
-    scale = tuple(config.data.augment.crop_scale)
-    _check("data.augment.crop_scale", scale,
-           len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "(low, high) with 0 < low <= high <= 1")
+    _augmentation(config)
+    _check("optim.momentum", config.optim.momentum, 0 <= config.optim.momentum < 1, "in [0, 1)")
+    _check("optim.trust_coefficient", config.optim.trust_coefficient,
+           config.optim.trust_coefficient > 0, "> 0")

@@ -31,7 +31,8 @@ RESUME_SAFE = (
 )
 
 # What fixes the weights a checkpoint holds: evaluation must agree on these and nothing else.
-DEFINES_WEIGHTS = ("objective", "model.", "text.", "data.image_size", "ema_decay")
+DEFINES_WEIGHTS = ("objective", "model.", "text.", "data.image_size", "ema_decay",
+                   "swav.queue_length")
 
 
 class WorkdirError(RuntimeError):

@@ -109,7 +109,7 @@ def test_generative_scorer_ranks_trained_captions_above_wrong_ones(tiny):
     @jax.jit
     def step(params, opt_state, model_state):
         grads, (_, model_state) = jax.grad(objective.loss_fn, has_aux=True)(
-            params, model_state, batch, jax.random.key(0))
+            params, model_state, batch, jax.random.key(0), 0)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, model_state
 

@@ -12,11 +12,11 @@ from big_contrast.experiment import Experiment
 from tests.helpers import REPO
 
 
-def _abstract_state(recipe, **overrides):
+def _abstract_state(recipe, examples_per_epoch=None, **overrides):
     config = bc.load_config_file(os.path.join(REPO, "configs", recipe))
     # Same vocabulary size as the paper's tokenizer, without needing its model file here.
     bc.apply_overrides(config, {"text.tokenizer": "words", **overrides})
-    exp = Experiment(config, jax.devices())
+    exp = Experiment(config, jax.devices(), examples_per_epoch=examples_per_epoch)
     return config, exp, exp.state_factory.abstract()
 
 
@@ -77,3 +77,34 @@ def test_coca_base_recipe_shape_checks_near_the_paper_parameter_count(tmp_path):
     # head ([768, 12, 3, 64]) have a second-largest dimension under optax's 128 and keep full
     # second moments, so the state is ~1.3x the parameters, against Adam's 2x.
     assert 1.0 < _count(state.opt_state) / _count(state.params) < 1.4
+
+
+IMAGENET_TRAIN = 1_281_167  # imagenet2012's train split
+
+
+def test_swav_800ep_recipe_shape_checks_with_swav_resnet50_parameter_count():
+    config, exp, state = _abstract_state("swav.py:800ep", IMAGENET_TRAIN)
+    params = state.params
+    assert config.batch_size == 4096 and config.optim.name == "lars"
+    assert exp.total_steps == round(800 * IMAGENET_TRAIN / 4096)
+    assert exp.warmup_steps == round(10 * IMAGENET_TRAIN / 4096)
+    assert exp.objective.batch_spec.image_groups()[0][1:] == (224, 2)
+    assert exp.objective.batch_spec.image_groups()[1][1:] == (96, 6)
+    # ResNet-50 without its classifier (torchvision: 25,557,032 - 2,049,000) ...
+    assert _count(params["image_tower"]) == 23_508_032
+    # ... the 2048-2048-128 head (its hidden layer bias-free: batch norm follows; SwAV's
+    # nn.Linear keeps a redundant bias of 2,048) and 3,000 x 128 prototypes.
+    assert _count(params["head"]) == 2048 * 2048 + 2 * 2048 + 2048 * 128 + 128
+    assert params["prototypes"].shape == (3000, 128)
+    # LARS keeps one momentum per parameter (the frozen prototypes' in their own group's
+    # state), plus step counters.
+    assert _count(params) <= _count(state.opt_state) <= _count(params) + 10
+
+
+def test_simclr_v1_recipe_shape_checks():
+    config, exp, state = _abstract_state("simclr.py:v1", IMAGENET_TRAIN)
+    assert config.batch_size == 4096 and config.optim.lr == 4.8 == 0.3 * 4096 / 256
+    assert exp.total_steps == round(100 * IMAGENET_TRAIN / 4096)
+    assert _count(state.params["image_tower"]) == 23_508_032
+    assert state.params["head"]["out"]["kernel"].shape == (2048, 128)
+    assert "prototypes" not in state.params

@@ -188,3 +188,15 @@ def test_shape_prompts_are_unchanged():
     assert sources.class_names(world, "shape") == synthetic.SHAPES
     assert sources.prompt_templates(world, "shape") == (
         "a {}", "there is a {}", "a picture of a {}")
+
+
+def test_a_world_of_chosen_backgrounds_and_positions_draws_only_those():
+    world = SyntheticWorld("val", backgrounds=("plain", "noisy"), positions=("centre",),
+                           two_object_prob=0.0)
+    records = [world[i] for i in range(60)]
+    assert {int(r["background"]) for r in records} == {0, 1}
+    assert {int(r["position"]) for r in records} == {synthetic.POSITIONS.index("centre")}
+    with pytest.raises(ValueError, match="backgrounds must be a non-empty list"):
+        SyntheticWorld("val", backgrounds=("plaid",))
+    with pytest.raises(ValueError, match="positions must be a non-empty list"):
+        SyntheticWorld("val", positions=())

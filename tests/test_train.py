@@ -1,11 +1,10 @@
 """The trainer end to end: learning happens, 1 and 8 devices agree (with and without batch
-norm), the logged learning rate is the step's, a batch-norm model resumes exactly and evaluates
-through the evaluate entrypoint, and a folder of PNG files trains and evaluates through the
+norm), the logged learning rate is the step's, a batch-norm model evaluates through the
+evaluate entrypoint as it did in training, and a folder of PNG files trains and evaluates through the
 command-line entrypoints. Faults (kills, signals, NaNs, bad input) are in test_faults.py."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from big_contrast import actions, checkpoint, evaluate as evaluate_lib, metrics, train as train_lib
+from big_contrast import checkpoint, evaluate as evaluate_lib, metrics, train as train_lib
 from big_contrast.experiment import Experiment
 from tests.helpers import REPO, TINY_CLIP, tiny_clip_config, write_png_manifest
 from tests.labelled_data import write_labelled_set
@@ -88,10 +87,10 @@ def test_logged_learning_rate_is_the_rate_at_the_logged_step(tmp_path):
         assert logged[step] == pytest.approx(float(exp.state_factory.schedule(step - 1)), rel=1e-6)
 
 
-def test_efficientnet_on_one_and_eight_devices_resumes_exactly_and_evaluates(tmp_path,
-                                                                            monkeypatch):
-    """Batch-norm EfficientNet: 1 and 8 devices agree, a run stopped by SIGTERM resumes
-    bit-identical, and the evaluate entrypoint reproduces the run's own evaluation."""
+def test_efficientnet_on_one_and_eight_devices_agrees_and_evaluates(tmp_path):
+    """Batch-norm EfficientNet: 1 and 8 devices agree, its batch statistics are checkpointed,
+    and the evaluate entrypoint reproduces the run's own evaluation. (Resuming batch-norm
+    towers bit-identically is tests/test_faults.py's, with the ConvNet.)"""
     # lr 1e-3: at the demo's 4e-3 these first steps of a tiny EfficientNet are chaotic enough
     # that reduction-order differences of 1e-6 grow past 1e-4 by step 5.
     config = tiny_clip_config("efficientnet,retrieval", total_steps=6, checkpoint_every=3,
@@ -101,26 +100,8 @@ def test_efficientnet_on_one_and_eight_devices_resumes_exactly_and_evaluates(tmp
     one, eight = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "straight"))
     for step in range(1, 7):
         assert abs(one[step] - eight[step]) < 1e-4, (step, one[step], eight[step])
-    real_log = actions.LogMetrics.__call__
-
-    def log_then_sigterm(self, step, state):  # a preemption notice arriving at step 4
-        real_log(self, step, state)
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(actions.LogMetrics, "__call__", log_then_sigterm)
-    with pytest.raises(actions.Interrupted, match="interrupted by SIGTERM at step 4"):
-        train_lib.train(config, str(tmp_path / "resumed"), jax.devices())
-    monkeypatch.undo()
-    resumed = train_lib.train(config, str(tmp_path / "resumed"), jax.devices())
-    assert resumed["final_loss"] == straight["final_loss"]
-    a = _final_params(config, str(tmp_path / "straight"))
-    b = _final_params(config, str(tmp_path / "resumed"))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-    assert jax.tree.leaves(a.model_state)  # batch statistics were checkpointed and compared
-    # The evaluate entrypoint on that checkpoint reports what the run reported.
-    evaluated = evaluate_lib.evaluate(None, str(tmp_path / "resumed"), devices=jax.devices())
+    assert jax.tree.leaves(_final_params(config, str(tmp_path / "straight")).model_state)
+    evaluated = evaluate_lib.evaluate(None, str(tmp_path / "straight"), devices=jax.devices())
     for key in ("retrieval_val/i2t_R5", "ema/retrieval_val/t2i_R1"):
         assert evaluated[key] == straight[key]
 

@@ -376,7 +376,9 @@ def build_source(data_config, split: str, *, captions: bool = True,
         return synthetic.SyntheticWorld(split, num_records=syn.num_records,
                                         image_size=data_config.image_size,
                                         seed=syn.seed, two_object_prob=syn.two_object_prob,
-                                        grey_prob=syn.grey_prob)
+                                        grey_prob=syn.grey_prob,
+                                        backgrounds=tuple(syn.backgrounds),
+                                        positions=tuple(syn.positions))
     path = data_config.path.format(split=split)
     if kind == "manifest":
         return ManifestSource(path, data_config.image_key,

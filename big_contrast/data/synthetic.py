@@ -310,13 +310,18 @@ class SyntheticWorld:
       grey_prob: probability that a train/val image is a black-and-white photo; its caption
         never names colours. Shape is then the only cue, which teaches colour-invariant shape
         features (the held-out colour-shape pairings depend on them).
+      backgrounds: the background kinds drawn from (names from BACKGROUNDS); default all. A
+        world of plain backgrounds leaves the objects as the only content of an image.
+      positions: the positions a single object is placed at (names from POSITIONS); default
+        all nine.
     """
 
     class_names = CLASS_NAMES
     prompt_templates = PROMPT_TEMPLATES
 
     def __init__(self, split: str = "train", num_records: int = 10_000_000, image_size: int = 32,
-                 seed: int = 0, two_object_prob: float = 0.3, grey_prob: float = 0.15):
+                 seed: int = 0, two_object_prob: float = 0.3, grey_prob: float = 0.15,
+                 backgrounds=BACKGROUNDS, positions=POSITIONS):
         if split not in SPLITS:
             raise ValueError(f"unknown synthetic split {split!r}; choose one of {sorted(SPLITS)}")
         if image_size < 16:
@@ -327,6 +332,16 @@ class SyntheticWorld:
         self.seed = int(seed)
         self.two_object_prob = float(two_object_prob)
         self.grey_prob = float(grey_prob)
+        unknown = [b for b in backgrounds if b not in BACKGROUNDS]
+        if unknown or not backgrounds:
+            raise ValueError(f"backgrounds must be a non-empty list of {list(BACKGROUNDS)}, got "
+                             f"{list(backgrounds)}")
+        self._backgrounds = [BACKGROUNDS.index(b) for b in backgrounds]
+        unknown = [p for p in positions if p not in POSITIONS]
+        if unknown or not positions:
+            raise ValueError(f"positions must be a non-empty list of {list(POSITIONS)}, got "
+                             f"{list(positions)}")
+        self._positions = [POSITIONS.index(p) for p in positions]
         heldout = set(HELDOUT_COMBOS)
         all_combos = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS))]
         self._combos = (list(HELDOUT_COMBOS) if split == "heldout_combos"
@@ -351,7 +366,8 @@ class SyntheticWorld:
     def _sample_object(self, rng, exclude_position: int | None = None,
                        max_size: int = 2) -> _Object:
         shape, colour = self._combos[int(rng.integers(len(self._combos)))]
-        positions = [p for p in range(9) if p != exclude_position]
+        positions = ([p for p in range(9) if p != exclude_position]
+                     if exclude_position is not None else self._positions)
         position = positions[int(rng.integers(len(positions)))]
         obj = self._place(rng, int(rng.integers(max_size + 1)), position)
         return dataclasses.replace(obj, shape=shape, colour=colour)
@@ -360,7 +376,7 @@ class SyntheticWorld:
         if not 0 <= index < self.num_records:
             raise IndexError(f"index {index} out of range for {self!r}")
         rng = np.random.default_rng((self.seed, SPLITS[self.split], int(index)))
-        background = int(rng.integers(len(BACKGROUNDS)))
+        background = self._backgrounds[int(rng.integers(len(self._backgrounds)))]
         heldout = self.split == "heldout_combos"
         two = not heldout and rng.random() < self.two_object_prob
         grey = not heldout and rng.random() < self.grey_prob

@@ -1,4 +1,5 @@
-"""Per-example preprocessing on host workers: decode, crops, flips, tokenization.
+"""Per-example preprocessing on host workers: decode, crops, flips, colour augmentation (the
+photometric operations live in augment.py), tokenization.
 
 Everything here is numpy/PIL and picklable, so grain can run it in worker processes. The
 grain transforms at the bottom turn a raw record into exactly the fields a BatchSpec asks for.
@@ -18,7 +19,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from big_contrast.data.spec import BatchSpec
+from big_contrast.data import augment
+from big_contrast.data.spec import BatchSpec, ImageView
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +138,32 @@ def random_resized_crop(image: np.ndarray, size: int, scale: tuple[float, float]
     return center_crop(image, size)
 
 
+def augment_view(image: np.ndarray, view: ImageView, rng: np.random.Generator) -> np.ndarray:
+    """One view of ``image`` (uint8 [size, size, 3]): random resized crop -> flip -> colour
+    jitter -> grayscale -> blur -> solarize, per ``view``. An operation that is off draws
+    nothing from ``rng``, so a view with only crop and flip gives the same pixels as before
+    the photometric operations existed."""
+    crop = random_resized_crop(image, view.size, view.crop_scale, rng)
+    if view.flip and rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    if view.colour_jitter > 0 and rng.random() < view.jitter_prob:
+        s = view.colour_jitter
+        hue = 0.2 * s if view.hue_jitter is None else view.hue_jitter
+        crop = augment.colour_jitter(crop, rng, brightness=0.8 * s, contrast=0.8 * s,
+                                     saturation=0.8 * s, hue=hue)
+    if view.grayscale_prob > 0 and rng.random() < view.grayscale_prob:
+        crop = augment.grayscale(crop)
+    if view.blur_prob > 0 and rng.random() < view.blur_prob:
+        sigma = rng.uniform(*view.blur_sigma) * view.size / 224  # blur_sigma is at 224 pixels
+        crop = augment.gaussian_blur(crop, sigma)
+    if view.solarize_prob > 0 and rng.random() < view.solarize_prob:
+        crop = augment.solarize(crop)
+    return np.ascontiguousarray(crop)
+
+
 class TrainPreprocess(grain.transforms.RandomMap):
-    """Raw record -> {image views, 'text', labels} per the BatchSpec, or a corrupt marker."""
+    """Raw record -> {image views ('image' or 'crops_{size}' groups), 'text', labels} per the
+    BatchSpec, or a corrupt marker. All randomness comes from grain's per-example rng."""
 
     def __init__(self, spec: BatchSpec, tokenizer=None, max_pixels: int = DEFAULT_MAX_PIXELS):
         if spec.text and tokenizer is None:
@@ -153,11 +179,14 @@ class TrainPreprocess(grain.transforms.RandomMap):
         except CorruptRecordError as e:
             return corrupt_marker(e)
         out = {}
-        for key, view in zip(self.spec.image_keys(), self.spec.views):
-            crop = random_resized_crop(image, view.size, view.crop_scale, rng)
-            if view.flip and rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            out[key] = np.ascontiguousarray(crop)
+        # Views are drawn in the spec's order, then stacked by size (BatchSpec.image_groups).
+        crops = [augment_view(image, view, rng) for view in self.spec.views]
+        for group in self.spec.image_groups():
+            if group.key == "image":
+                out["image"] = crops[0]
+            else:
+                out[group.key] = np.stack([crop for crop, view in zip(crops, self.spec.views)
+                                           if view.size == group.size])
         if self.spec.text:
             out["text"] = self.tokenizer.encode(caption)
         for label in self.spec.labels:

@@ -13,11 +13,14 @@ import inspect
 from big_contrast.config import ConfigError, closest_suggestion
 from big_contrast.evaluators.captioning import Captioning
 from big_contrast.evaluators.common import Embedder
+from big_contrast.evaluators.knn import KNNClassification
+from big_contrast.evaluators.linear_probe import LinearProbeClassification
 from big_contrast.evaluators.retrieval import Retrieval
 from big_contrast.evaluators.zero_shot import ZeroShotClassification
 
 EVALUATORS = {"zero_shot": ZeroShotClassification, "retrieval": Retrieval,
-              "captioning": Captioning}
+              "captioning": Captioning, "knn": KNNClassification,
+              "linear_probe": LinearProbeClassification}
 
 
 @dataclasses.dataclass
@@ -47,8 +50,11 @@ def _options(name: str, cls, options: dict) -> dict:
 
 
 def build_evaluators(evals_config, objective, mesh, data_config, tokenizer,
-                     batch_size: int) -> list[ScheduledEvaluator]:
-    embedder = Embedder(objective, mesh, batch_size)
+                     batch_size: int, *, initial_weights=None) -> list[ScheduledEvaluator]:
+    """``initial_weights``: () -> (params, model_state) at the random initialisation (the
+    trainer passes ``StateFactory.initial_weights``); with it, knn and linear_probe also report
+    a random-initialisation baseline ('<split>/random_init_top1'), without it they omit it."""
+    embedder = Embedder(objective, mesh, batch_size, initial_weights)
     scheduled = []
     for name, cfg in evals_config.items():
         options = cfg.to_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Any, Callable
 
 import grain
 import jax
@@ -90,9 +91,17 @@ def load_examples(source, image_size: int, num_examples: int, tokenizer=None,
 
 class Embedder:
     """Batched, sharded image/text embedding (and caption scoring, for captioning objectives)
-    with one compilation per input shape."""
+    with one compilation per input shape.
 
-    def __init__(self, objective, mesh, batch_size: int):
+    ``initial_weights``, if given, returns the (params, model_state) of the network at its
+    random initialisation (the trainer's ``StateFactory.initial_weights``): evaluators that
+    report a random-initialisation baseline (knn, linear_probe) call it once and cache their
+    result; without it they omit that baseline.
+    """
+
+    def __init__(self, objective, mesh, batch_size: int,
+                 initial_weights: Callable[[], tuple[Any, Any]] | None = None):
+        self.initial_weights = initial_weights
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // shards) * shards  # round up to divide the mesh
         self.mesh = mesh

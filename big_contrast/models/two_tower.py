@@ -12,16 +12,17 @@ import jax.numpy as jnp
 from big_contrast.models import heads
 from big_contrast.models.convnet import ConvNet
 from big_contrast.models.efficientnet import EfficientNet
+from big_contrast.models.resnet import ResNet
 from big_contrast.models.text import TextTransformer
 from big_contrast.models.vit import ViT
 
 
-IMAGE_TOWERS = ("vit", "convnet", "efficientnet")
+IMAGE_TOWERS = ("vit", "convnet", "efficientnet", "resnet")
 
 
 def build_image_tower(cfg) -> nn.Module:
-    """cfg: {type: 'vit' | 'convnet' | 'efficientnet', variant, pool, stem, norm, bn_momentum,
-    drop_connect, remat}; validation.py says which values each type takes."""
+    """cfg: {type: 'vit' | 'convnet' | 'efficientnet' | 'resnet', variant, pool, stem, norm,
+    bn_momentum, drop_connect, remat}; validation.py says which values each type takes."""
     if cfg.type == "vit":
         return ViT(cfg.variant, pool=cfg.pool, stem=cfg.stem, remat=cfg.remat)
     if cfg.type == "convnet":
@@ -32,7 +33,10 @@ def build_image_tower(cfg) -> nn.Module:
         return EfficientNet(cfg.variant, remat=cfg.remat, stem_stride=int(cfg.stem[-1]),
                             pool=cfg.pool, drop_connect_rate=cfg.drop_connect,
                             max_stride=cfg.max_stride, **momentum)
-    raise ValueError(f"unknown image tower {cfg.type!r}; choose 'vit', 'convnet' or 'efficientnet'")
+    if cfg.type == "resnet":
+        momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
+        return ResNet(cfg.variant, stem=cfg.stem, pool=cfg.pool, remat=cfg.remat, **momentum)
+    raise ValueError(f"unknown image tower {cfg.type!r}; choose one of {IMAGE_TOWERS}")
 
 
 def build_text_tower(cfg, vocab_size: int, eos_id: int) -> nn.Module:

@@ -3,8 +3,10 @@
 from big_contrast.objectives.base import Objective
 from big_contrast.objectives.coca import CoCa
 from big_contrast.objectives.contrastive import Contrastive
+from big_contrast.objectives.simclr import SimCLR
+from big_contrast.objectives.swav import SwAV
 
-OBJECTIVES = {"contrastive": Contrastive, "coca": CoCa}
+OBJECTIVES = {"contrastive": Contrastive, "coca": CoCa, "simclr": SimCLR, "swav": SwAV}
 
 
 def build_objective(config, tokenizer) -> Objective:

@@ -29,8 +29,22 @@ class Objective(abc.ABC):
         """Linen variables (boxed with logical axis names) for an example batch."""
 
     @abc.abstractmethod
-    def loss_fn(self, params, model_state: dict, batch: dict, rng: jax.Array):
-        """Returns (loss, (metrics dict of scalars, new model_state))."""
+    def loss_fn(self, params, model_state: dict, batch: dict, rng: jax.Array, step: jax.Array):
+        """Returns (loss, (metrics dict of scalars, new model_state)). ``step``: int32 scalar,
+        the optimizer steps taken before this one (queues, schedules and warm-ups key on it)."""
+
+    def param_groups(self, params):
+        """A group name for every parameter leaf (a pytree like ``params``; the leaves may be
+        ShapeDtypeStructs). The optimizer config refers to groups: ``optim.exclude_groups``
+        are spared weight decay and LARS trust-ratio scaling, and ``frozen_groups`` are held
+        still for their first steps. Default: 'vectors' for biases, norm scales and scalars
+        (fewer than 2 dimensions), 'weights' for matrices and kernels."""
+        return jax.tree.map(lambda leaf: "weights" if len(leaf.shape) > 1 else "vectors", params)
+
+    def frozen_groups(self) -> dict[str, int]:
+        """{group: N}: the group's parameters do not move during the first N optimizer steps
+        (no update, no weight decay, no momentum). Default: none."""
+        return {}
 
     def postprocess_params(self, params):
         """Applied after every optimizer update (clamps, re-normalisations); default: none."""
@@ -43,6 +57,10 @@ class Objective(abc.ABC):
     def embed_texts(self, params, model_state: dict, tokens):
         """L2-normalised text embeddings, for evaluators; objectives without one raise."""
         raise NotImplementedError(f"{type(self).__name__} has no text embedding")
+
+    # Image-only objectives (SimCLR, SwAV) have no text embedding: evaluators that compare
+    # images with text are refused for them.
+    embeds_text = True
 
     # Captioning objectives (a text decoder) also provide these three; decoding.py and the
     # captioning evaluators use them.

@@ -49,8 +49,8 @@ class CoCa(Objective):
     def init_variables(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"], batch["text"])
 
-    def loss_fn(self, params, model_state, batch, rng):
-        del rng  # no dropout
+    def loss_fn(self, params, model_state, batch, rng, step):
+        del rng, step  # no dropout, nothing scheduled
         text = batch["text"]
         out, new_state = self.model.apply({"params": params, **model_state}, batch["image"], text,
                                           train=True, mutable=list(model_state))

@@ -53,7 +53,8 @@ class Contrastive(Objective):
     def init_variables(self, rng, batch):
         return self.model.init({"params": rng, "dropout": rng}, batch["image"], batch["text"])
 
-    def loss_fn(self, params, model_state, batch, rng):
+    def loss_fn(self, params, model_state, batch, rng, step):
+        del step  # nothing scheduled
         out, new_state = self.model.apply(
             {"params": params, **model_state}, batch["image"], batch["text"], train=True,
             rngs={"dropout": rng}, mutable=list(model_state))
