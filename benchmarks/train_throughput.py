@@ -4,7 +4,9 @@
 
 Three numbers per config: the jitted train step alone on a fixed device batch (compute),
 the input pipeline alone (host), and the two together as the trainer runs them. FLOPs come
-from XLA's cost analysis of the compiled step.
+from XLA's cost analysis of the compiled step, its memory per device from XLA's buffer
+assignment (temp: every intermediate, packed by liveness; plus arguments and outputs, less
+donated buffers counted twice).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def measure(config, steps: int) -> dict:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", float("nan")))
+        memory = compiled.memory_analysis()  # XLA's buffer assignment, per device
+        peak_mib = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                    + memory.output_size_in_bytes - memory.alias_size_in_bytes) / 2**20
 
         state, out = step_fn(state, batch)  # warm-up (also settles any weak types)
         jax.block_until_ready(out)
@@ -83,6 +88,8 @@ def measure(config, steps: int) -> dict:
         "pipeline_batch_s": pipeline_seconds,
         "samples_per_s_pipeline": bs / pipeline_seconds,
         "samples_per_s_end_to_end": bs / end_to_end_seconds,
+        "step_memory_mib": peak_mib,
+        "step_temp_mib": memory.temp_size_in_bytes / 2**20,
         "gflops_per_step": flops / 1e9,
         "achieved_gflop_per_s": flops / step_seconds / 1e9,
     }

@@ -18,6 +18,16 @@ import orbax.checkpoint as ocp
 FORMAT_VERSION = 1
 _SHOWN = 6  # differing tree paths listed in an error message
 
+# Orbax writes a replicated array in slices, one per replica, each cut by a jit(slice) that
+# compiles once per shape and device: the first save of a train state of 736 small arrays on
+# 8 devices spent 27 s compiling those (1.3 s once only arrays whose slices reach 1 MiB are
+# split, the rest written whole by one replica). Big replicated arrays still write in
+# parallel.
+_REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, found or restored; the message says what to do."""

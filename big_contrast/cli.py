@@ -51,13 +51,14 @@ def _quiet_library_tracebacks(record: logging.LogRecord) -> bool:
     return not ("/orbax/" in record.pathname.replace("\\", "/") and record.levelno >= logging.ERROR)
 
 
-def run(main) -> None:
-    """app.run with our flag parser; requires --workdir; quiets INFO logs of orbax/grain."""
+def run(main, workdir_required=lambda: True) -> None:
+    """app.run with our flag parser; requires --workdir unless ``workdir_required()`` (called
+    after parsing) says otherwise; quiets INFO logs of orbax/grain."""
 
     def checked_main(argv):
         if len(argv) > 1:
             sys.exit(f"error: unexpected arguments {argv[1:]}")
-        if not FLAGS.workdir:
+        if not FLAGS.workdir and workdir_required():
             sys.exit("error: --workdir is required")
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("absl").addFilter(_quiet_library_tracebacks)

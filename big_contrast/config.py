@@ -228,12 +228,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.exclude_groups = ["vectors"]
     c.optim.no_decay = ["posemb", "/cls$", "log_scale"]
 
-    # label_smoothing: of the contrastive targets. Captioning objectives (coca) add
+    # contrastive: the image-text loss, 'softmax' (CLIP's InfoNCE) or 'sigmoid' (SigLIP's
+    # pairwise loss: needs model.init_bias; contrastive objective only). block_size > 0
+    # computes the softmax loss in blocks of that many columns (online log-sum-exp: memory
+    # O(local batch x block_size) instead of O(local x global batch)); 0: dense.
+    # label_smoothing: of the softmax targets. Captioning objectives (coca) add
     # contrastive_weight * contrastive + caption_weight * caption (the paper: 1 and 2).
     # temperature: of the image-only objectives' softmaxes (simclr, swav).
     c.loss = ml_collections.ConfigDict(
-        {"label_smoothing": 0.0, "contrastive_weight": 1.0, "caption_weight": 2.0,
-         "caption_label_smoothing": 0.0, "temperature": 0.1})
+        {"contrastive": "softmax", "block_size": 0, "label_smoothing": 0.0,
+         "contrastive_weight": 1.0, "caption_weight": 2.0, "caption_label_smoothing": 0.0,
+         "temperature": 0.1})
+    # GradCache (Gao et al. 2021): micro_batches > 1 runs the towers over that many slices of
+    # each device's batch, first without gradients to get every embedding, then again with the
+    # loss's gradients for them, so the loss still sees every negative of the global batch while
+    # activations are held for one slice at a time. Needs towers without batch norm.
+    c.grad_cache = ml_collections.ConfigDict({"micro_batches": 1})
     # SwAV: codes from the first assign_crops crops (Sinkhorn: epsilon, iterations); a queue of
     # queue_length past embeddings (a multiple of batch_size; 0: none), filled from
     # queue_start_step and used once full; prototypes frozen for the first
@@ -278,6 +288,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_scale = 1 / 0.07  # CLIP's initial logit scale
     c.model.learn_scale = True
     c.model.max_scale = 100.0  # CLIP clamps the logit scale at 100
+    c.model.init_bias = placeholder(float)  # a learnable logit bias (SigLIP: -10); None: none
 
     c.text = ml_collections.ConfigDict()
     c.text.tokenizer = "words"  # words (hashed) | vocab (word list) | bytes | sentencepiece

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from big_contrast import config as config_lib, optim, sharding, validation
+from big_contrast import config as config_lib, grad_cache, optim, sharding, validation
 from big_contrast import workdir as workdir_lib
 from big_contrast.data import sources, tokenizers
 from big_contrast.objectives import build_objective
@@ -66,7 +66,11 @@ class Experiment:
         self.tokenizer = build_tokenizer(config, workdir)
         self.objective = build_objective(config, self.tokenizer)
         if examples_per_epoch is None and config.total_epochs is not None:
-            train_source = sources.build_source(config.data, config.data.train_split)
+            try:
+                train_source = sources.build_source(config.data, config.data.train_split)
+            except (ValueError, FileNotFoundError) as e:
+                raise config_lib.ConfigError(f"total_epochs needs the training split's size: "
+                                             f"{e}") from None
             examples_per_epoch = sources.num_examples(train_source)
         self.total_steps, self.warmup_steps = training_length(config, examples_per_epoch)
         self.eval_weights = {"online": ("online",), "ema": ("ema",)}.get(
@@ -80,4 +84,8 @@ class Experiment:
                 config.optim, params, self.total_steps, self.warmup_steps,
                 self.objective.param_groups(params), self.objective.frozen_groups()),
             example_batch(self.objective.batch_spec, config.text.max_len),
-            self.mesh, self.rules, config.seed, config.ema_decay)
+            self.mesh, self.rules, config.seed, config.ema_decay, config.grad_cache.micro_batches)
+        if config.grad_cache.micro_batches > 1:
+            grad_cache.check_supported(self.objective, self.state_factory.model_state_shardings,
+                                       config.batch_size, config.grad_cache.micro_batches,
+                                       self.mesh)

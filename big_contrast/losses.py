@@ -4,7 +4,10 @@ only jax).
 Global-batch losses take an optional ``axis_name``. Called inside ``jax.shard_map`` over the
 data axes, each device scores only its local rows against the gathered columns, so the
 similarity matrix costs O(B_local * B_global) memory, while the value and the gradients equal
-those of the single-device loss on the whole global batch.
+those of the single-device loss on the whole global batch. Two paths go below that:
+``softmax_contrastive(..., block_size=k)`` scores the gathered columns k at a time (online
+logsumexp, O(B_local * k)), and ``sigmoid_contrastive`` gathers nothing, passing the other
+devices' columns around a ``ppermute`` ring (O(B_local²) per hop).
 
 The image-only self-supervised losses (SwAV with its Sinkhorn-Knopp codes, SimCLR's NT-Xent,
 decoupled contrastive learning, MoCHi hard-negative mixing) follow the same convention and
@@ -12,6 +15,8 @@ compute in float32 whatever the input dtype.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +41,195 @@ def _summed_cross_entropy(logits, labels, label_smoothing):
     return nll.sum()
 
 
-def softmax_contrastive(x, y, scale, *, axis_name=None, label_smoothing: float = 0.0):
+def _as_varying(value, axis_name):
+    """``value`` cast to device-varying over the batch axes (where it is not already), so that
+    a custom_vjp inside shard_map may return a per-device cotangent for it: the cast's transpose
+    sums those over the devices. Under ``shard_map(check_vma=False)`` nothing is typed and
+    the value is returned as is."""
+    vma = getattr(jax.typeof(value), "vma", None)
+    if vma is None:
+        return value
+    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    missing = tuple(axis for axis in axes if axis not in vma)
+    return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def _sigmoid_block_sum(queries, keys, bias, positives: bool):
+    """Σ over one block of pairs of −log σ(z · (queries @ keys.T + bias)), z = +1 on the
+    diagonal when ``positives`` (the block pairs each row with its own column) and −1 elsewhere."""
+    logits = queries @ keys.T + bias
+    if positives:
+        logits = jnp.where(jnp.eye(*logits.shape, dtype=bool), logits, -logits)
+    else:
+        logits = -logits
+    return -jnp.sum(jax.nn.log_sigmoid(logits))
+
+
+def _ring_permutation(axis_name):
+    """The ring over the (linearised) batch axes: device i sends to device i + 1."""
+    size = jax.lax.axis_size(axis_name)
+    return [(i, (i + 1) % size) for i in range(size)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ring_sigmoid_sum(queries, keys, bias, axis_name):
+    """This device's share of the global pairwise sigmoid sum: its rows against every device's
+    keys, which travel around the ring one chunk per hop (the own chunk holds the positives)."""
+    return _ring_sigmoid_sum_fwd(queries, keys, bias, axis_name)[0]
+
+
+def _ring_sigmoid_sum_fwd(queries, keys, bias, axis_name):
+    permutation = _ring_permutation(axis_name)
+
+    def hop(_, carry):
+        chunk, total = carry
+        chunk = jax.lax.ppermute(chunk, axis_name, permutation)
+        return chunk, total + _sigmoid_block_sum(queries, chunk, bias, positives=False)
+
+    own = _sigmoid_block_sum(queries, keys, bias, positives=True)
+    _, total = jax.lax.fori_loop(0, len(permutation) - 1, hop, (keys, own))
+    return total, (queries, keys, bias)
+
+
+def _ring_sigmoid_sum_bwd(axis_name, residuals, cotangent):
+    """Runs the ring again, recomputing each block: the keys' cotangent accumulates on the
+    chunk as it travels, and one last hop brings every chunk's cotangent back to its owner."""
+    queries, keys, bias = residuals
+    permutation = _ring_permutation(axis_name)
+
+    def block_grads(chunk, positives):
+        block = functools.partial(_sigmoid_block_sum, positives=positives)
+        return jax.vjp(block, queries, chunk, bias)[1](cotangent)
+
+    def hop(_, carry):
+        chunk, d_chunk, d_queries, d_bias = carry
+        chunk, d_chunk = jax.lax.ppermute((chunk, d_chunk), axis_name, permutation)
+        dq, dk, db = block_grads(chunk, positives=False)
+        return chunk, d_chunk + dk, d_queries + dq, d_bias + db
+
+    d_queries, d_keys, d_bias = block_grads(keys, positives=True)
+    _, d_keys, d_queries, d_bias = jax.lax.fori_loop(
+        0, len(permutation) - 1, hop, (keys, d_keys, d_queries, d_bias))
+    return d_queries, jax.lax.ppermute(d_keys, axis_name, permutation), d_bias
+
+
+_ring_sigmoid_sum.defvjp(_ring_sigmoid_sum_fwd, _ring_sigmoid_sum_bwd)
+
+
+def sigmoid_contrastive(x, y, scale, bias, *, axis_name=None):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023).
+
+    loss = (1 / B) Σ_{i,j} −log σ(z_ij · (scale · x_i · y_j + bias)) over all B² pairs of the
+    global batch, z_ij = +1 for the positive pairs (i = j) and −1 for every other pair.
+
+    Args:
+      x, y: L2-normalised embeddings [B, D] (the local shard under ``shard_map``); row i of x
+        and row i of y are a positive pair.
+      scale: the already-exponentiated logit multiplier, a scalar; bias: the logit bias, a scalar.
+      axis_name: mesh axis name(s) of the batch (a name or a tuple), or None. Inside
+        ``jax.shard_map`` nothing is gathered: each device scores its rows against its own y
+        chunk, then against the other devices' chunks as they pass around a ``ppermute`` ring
+        (n_devices − 1 hops; the backward pass runs the ring again), so the memory per device is
+        O(B_local²) per hop, while value and gradients equal the single-device loss.
+
+    Returns:
+      The scalar loss, float32 whatever the input dtype.
+    """
+    if x.ndim != 2 or x.shape != y.shape:
+        raise ValueError(f"sigmoid_contrastive needs x and y of one [B, D] shape, got "
+                         f"{x.shape} and {y.shape}")
+    queries = jnp.asarray(scale, jnp.float32) * x.astype(jnp.float32)
+    keys = y.astype(jnp.float32)
+    bias = jnp.asarray(bias, jnp.float32)
+    if axis_name is None:
+        return _sigmoid_block_sum(queries, keys, bias, positives=True) / x.shape[0]
+    total = _ring_sigmoid_sum(queries, keys, _as_varying(bias, axis_name), axis_name)
+    return jax.lax.psum(total, axis_name) / (x.shape[0] * jax.lax.axis_size(axis_name))
+
+
+def _column_blocks(columns, block_size: int):
+    """(block(i) -> the i-th [block_size, D] slice of ``columns``, the number of such full
+    blocks, the [r, D] remaining r < block_size columns or None), block_size capped at the
+    number of columns. Blocks are slices read in place, never a reshaped copy."""
+    block_size = min(block_size, columns.shape[0])
+    num_full = columns.shape[0] // block_size
+    rest = columns[num_full * block_size:] if columns.shape[0] % block_size else None
+    return (lambda i: jax.lax.dynamic_slice_in_dim(columns, i * block_size, block_size),
+            num_full, rest)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _blockwise_logsumexp(queries, columns, block_size: int):
+    """[b]: logsumexp_j(queries_i · columns_j), computed block_size columns at a time with a
+    running maximum and sum of exponentials, so no [b, N] logits exist in either pass."""
+    return _blockwise_logsumexp_fwd(queries, columns, block_size)[0]
+
+
+def _blockwise_logsumexp_fwd(queries, columns, block_size):
+    def update(state, block):
+        top, total = state
+        logits = queries @ block.T
+        new_top = jnp.maximum(top, jnp.max(logits, axis=1))
+        total = (total * jnp.exp(top - new_top)
+                 + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=1))
+        return new_top, total
+
+    block, num_full, rest = _column_blocks(columns, block_size)
+    first = queries @ block(0).T
+    top = jnp.max(first, axis=1)
+    state = (top, jnp.sum(jnp.exp(first - top[:, None]), axis=1))
+    state = jax.lax.fori_loop(1, num_full, lambda i, state: update(state, block(i)), state)
+    if rest is not None:
+        state = update(state, rest)
+    top, total = state
+    lse = top + jnp.log(total)
+    return lse, (queries, columns, lse)
+
+
+def _blockwise_logsumexp_bwd(block_size, residuals, cotangent):
+    """d lse_i / d logits_ij = softmax_ij = exp(logits_ij − lse_i): each block's logits are
+    recomputed from the saved lse and contracted at once into the query cotangent and the
+    block's rows of the column cotangent."""
+    queries, columns, lse = residuals
+
+    def block_grads(block):
+        weights = jnp.exp(queries @ block.T - lse[:, None]) * cotangent[:, None]
+        return weights @ block, weights.T @ queries
+
+    def step(i, grads):
+        d_queries, d_columns = grads
+        dq, d_block = block_grads(block(i))
+        start = i * d_block.shape[0]
+        return (d_queries + dq,
+                jax.lax.dynamic_update_slice_in_dim(d_columns, d_block, start, axis=0))
+
+    block, num_full, rest = _column_blocks(columns, block_size)
+    d_queries, d_columns = jax.lax.fori_loop(
+        0, num_full, step, (jnp.zeros_like(queries), jnp.zeros_like(columns)))
+    if rest is not None:
+        dq, d_rest = block_grads(rest)
+        d_queries = d_queries + dq
+        d_columns = d_columns.at[columns.shape[0] - rest.shape[0]:].set(d_rest)
+    return d_queries, d_columns
+
+
+_blockwise_logsumexp.defvjp(_blockwise_logsumexp_fwd, _blockwise_logsumexp_bwd)
+
+
+def _blockwise_summed_cross_entropy(queries, columns, positives, block_size, label_smoothing):
+    """``_summed_cross_entropy`` of logits = queries @ columns.T without forming them: row i's
+    target column is ``positives[i]``, and the uniform part of a smoothed target needs only
+    the mean column, since mean_j(q · c_j) = q · mean_j(c_j)."""
+    lse = _blockwise_logsumexp(queries, columns, block_size)
+    target_logit = jnp.sum(queries * positives, axis=1)
+    if label_smoothing:
+        target_logit = ((1.0 - label_smoothing) * target_logit
+                        + label_smoothing * (queries @ jnp.mean(columns, axis=0)))
+    return jnp.sum(lse - target_logit)
+
+
+def softmax_contrastive(x, y, scale, *, axis_name=None, label_smoothing: float = 0.0,
+                        block_size: int = 0):
     """Symmetric InfoNCE of CLIP / ALIGN.
 
     Args:
@@ -45,21 +238,53 @@ def softmax_contrastive(x, y, scale, *, axis_name=None, label_smoothing: float =
       scale: the already-exponentiated logit multiplier (1 / temperature), a scalar.
       axis_name: mesh axis name(s) of the batch; None for a single device / plain jit.
       label_smoothing: weight of the uniform distribution mixed into the one-hot targets.
+      block_size: 0 scores each local row against all B_global columns at once
+        ([B_local, B_global] logits per direction); k > 0 scores the gathered columns k at a
+        time (the last block may be smaller) with an online logsumexp in both passes, so the
+        logits cost O(B_local * k) memory, for the same value and gradients.
 
     Returns:
       Scalar: mean over the global batch of (CE(x -> y) + CE(y -> x)) / 2, with
       logits = scale * x @ y.T.
     """
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 0:
+        raise ValueError(f"block_size must be a non-negative int (0: dense logits), "
+                         f"got {block_size!r}")
     x = x.astype(jnp.float32)
     y = y.astype(jnp.float32)
     all_x, all_y, offset = _gather_columns(x, y, axis_name)
-    labels = offset + jnp.arange(x.shape[0])
-    logits_xy = scale * x @ all_y.T  # local x rows against every y in the global batch
-    logits_yx = scale * y @ all_x.T
-    total = (_summed_cross_entropy(logits_xy, labels, label_smoothing)
-             + _summed_cross_entropy(logits_yx, labels, label_smoothing))
+    if block_size:
+        total = (_blockwise_summed_cross_entropy(scale * x, all_y, y, block_size, label_smoothing)
+                 + _blockwise_summed_cross_entropy(scale * y, all_x, x, block_size,
+                                                   label_smoothing))
+    else:
+        labels = offset + jnp.arange(x.shape[0])
+        logits_xy = scale * x @ all_y.T  # local x rows against every y in the global batch
+        logits_yx = scale * y @ all_x.T
+        total = (_summed_cross_entropy(logits_xy, labels, label_smoothing)
+                 + _summed_cross_entropy(logits_yx, labels, label_smoothing))
     loss = total / (2.0 * all_x.shape[0])
     return loss if axis_name is None else jax.lax.psum(loss, axis_name)
+
+
+def caption_token_losses(logits, targets, mask, *, label_smoothing: float = 0.0):
+    """Per-caption sums of the next-token cross-entropies and the counts of target tokens.
+
+    Args: as ``caption_loss``. Returns (nll [B]: each caption's summed masked token losses,
+    tokens [B]: its number of masked tokens), both float32: per-example outputs that GradCache
+    can gather before ``caption_loss`` divides their totals.
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def mean_token_loss(nll, tokens):
+    """The token-weighted mean of per-caption summed losses: sum(nll) / sum(tokens)."""
+    return jnp.sum(nll) / jnp.maximum(jnp.sum(tokens), 1.0)
 
 
 def caption_loss(logits, targets, mask, *, label_smoothing: float = 0.0):
@@ -75,12 +300,8 @@ def caption_loss(logits, targets, mask, *, label_smoothing: float = 0.0):
       batch-sharded input the sums run over the global batch, so every token weighs the same
       whichever device holds it.
     """
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return mean_token_loss(*caption_token_losses(logits, targets, mask,
+                                                 label_smoothing=label_smoothing))
 
 
 def _global_logsumexp_over_rows(log_q, axis_name):
@@ -276,7 +497,7 @@ def _l2_normalise(x):
 
 def mix_hard_negatives(anchors, candidates, negative_mask, rng, *, top_n: int,
                        num_pair_mixes: int, num_anchor_mixes: int,
-                       max_anchor_weight: float = 0.5):
+                       max_anchor_weight: float = 0.5, anchor_ids=None):
     """MoCHi (Kalantidis et al. 2020): synthetic hard negatives mixed from each anchor's
     hardest real negatives.
 
@@ -292,8 +513,11 @@ def mix_hard_negatives(anchors, candidates, negative_mask, rng, *, top_n: int,
       negative_mask: [A, N] bool, True where candidate n is a valid negative of anchor a (it
         must exclude the anchor itself and its positive); every anchor needs at least
         ``top_n`` valid negatives.
-      rng: a PRNG key. Under ``shard_map`` fold in the device index so devices draw apart.
+      rng: a PRNG key; anchor a draws from fold_in(rng, anchor_ids[a]).
       top_n, num_pair_mixes, num_anchor_mixes, max_anchor_weight: as above.
+      anchor_ids: [A] ints naming each anchor in the global batch (default: 0..A-1). Under
+        ``shard_map`` pass global ids, so an anchor's mixes do not depend on which device
+        holds it: the loss is then the same on any mesh.
 
     Returns:
       [A, num_pair_mixes + num_anchor_mixes, D] float32 synthetic negatives (pairs first).
@@ -302,17 +526,22 @@ def mix_hard_negatives(anchors, candidates, negative_mask, rng, *, top_n: int,
     candidates = jax.lax.stop_gradient(candidates.astype(jnp.float32))
     similarity = jnp.where(negative_mask, anchors @ candidates.T, -jnp.inf)
     _, hardest = jax.lax.top_k(similarity, top_n)  # [A, top_n] candidate indices
-    pick_i, pick_j, pick_k, alpha_key, beta_key = jax.random.split(rng, 5)
+    if anchor_ids is None:
+        anchor_ids = jnp.arange(anchors.shape[0])
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, anchor_ids)
 
-    def draw(key, count):
-        """[A, count, D]: hard negatives drawn uniformly from each anchor's hard set."""
-        slots = jax.random.randint(key, (anchors.shape[0], count), 0, top_n)
-        return candidates[jnp.take_along_axis(hardest, slots, axis=1)]
+    def mixes(key, anchor, hard_set):
+        """[num_pair_mixes + num_anchor_mixes, D] for one anchor and its hard set [top_n]."""
+        pick_i, pick_j, pick_k, alpha_key, beta_key = jax.random.split(key, 5)
 
-    alpha = jax.random.uniform(alpha_key, (anchors.shape[0], num_pair_mixes, 1))
-    pairs = alpha * draw(pick_i, num_pair_mixes) + (1.0 - alpha) * draw(pick_j, num_pair_mixes)
-    beta = jax.random.uniform(beta_key, (anchors.shape[0], num_anchor_mixes, 1),
-                              maxval=max_anchor_weight)
-    with_anchor = beta * anchors[:, None] + (1.0 - beta) * draw(pick_k, num_anchor_mixes)
-    mixed = _l2_normalise(jnp.concatenate([pairs, with_anchor], axis=1))
+        def draw(k, count):  # [count, D]: uniformly from the hard set
+            return candidates[hard_set[jax.random.randint(k, (count,), 0, top_n)]]
+
+        alpha = jax.random.uniform(alpha_key, (num_pair_mixes, 1))
+        pairs = alpha * draw(pick_i, num_pair_mixes) + (1.0 - alpha) * draw(pick_j, num_pair_mixes)
+        beta = jax.random.uniform(beta_key, (num_anchor_mixes, 1), maxval=max_anchor_weight)
+        with_anchor = beta * anchor + (1.0 - beta) * draw(pick_k, num_anchor_mixes)
+        return jnp.concatenate([pairs, with_anchor], axis=0)
+
+    mixed = _l2_normalise(jax.vmap(mixes)(keys, anchors, hardest))
     return jax.lax.stop_gradient(mixed)

@@ -124,7 +124,7 @@ class Progress:
     def line(self, step: int, metrics: dict) -> str:
         width = len(str(self.total_steps))
         parts = [f"step {step:>{width}}/{self.total_steps}"]
-        for key in ("loss", "learning_rate", "temperature"):
+        for key in ("loss", "learning_rate", "temperature", "bias"):
             if key in metrics:
                 value = metrics[key]
                 parts.append(f"{key.replace('learning_rate', 'lr')} {value:.4g}")

@@ -38,6 +38,12 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def default_groups(params):
+    """Each leaf's default parameter group: 'vectors' below 2 dimensions (biases, norm scales,
+    scalars), else 'weights' (matrices and kernels). Leaves may be ShapeDtypeStructs."""
+    return jax.tree.map(lambda leaf: "weights" if len(leaf.shape) > 1 else "vectors", params)
+
+
 def weight_decay_mask(params, no_decay_patterns, groups=None, exclude_groups=("vectors",)) -> dict:
     """True for leaves that decay (and, under LARS, get trust-ratio scaling): every leaf whose
     group is not in ``exclude_groups`` and whose name matches none of ``no_decay_patterns``.
@@ -45,7 +51,7 @@ def weight_decay_mask(params, no_decay_patterns, groups=None, exclude_groups=("v
     objectives' default grouping)."""
     patterns = [re.compile(p) for p in no_decay_patterns]
     if groups is None:
-        groups = jax.tree.map(lambda leaf: "weights" if len(leaf.shape) > 1 else "vectors", params)
+        groups = default_groups(params)
 
     def decays(path, group):
         return group not in exclude_groups and not any(p.search(_path_str(path)) for p in patterns)
@@ -94,7 +100,7 @@ def make_optimizer(optim_config, params, total_steps: int, warmup_steps: int, gr
     """
     schedule = make_schedule(optim_config, total_steps, warmup_steps)
     if groups is None:
-        groups = jax.tree.map(lambda leaf: "weights" if len(leaf.shape) > 1 else "vectors", params)
+        groups = default_groups(params)
     mask = _by_path(weight_decay_mask(params, optim_config.no_decay, groups,
                                       tuple(optim_config.exclude_groups)))
     frozen = {g: n for g, n in (frozen_groups or {}).items() if n > 0}

@@ -1,6 +1,7 @@
 """Training entrypoint: config -> mesh -> data -> state -> loop of periodic actions.
 
   python -m big_contrast.train --config configs/clip.py:demo --workdir /tmp/clip_demo
+  python -m big_contrast.train --config configs/clip.py:B/32 --dry_run  # sharding, bytes/device
 
 Rerunning the same command resumes from the newest checkpoint in the workdir with exactly the
 data order, random numbers and optimizer state an uninterrupted run would have had; rerunning a
@@ -15,8 +16,10 @@ import sys
 import time
 
 import jax
+from absl import flags
 
-from big_contrast import actions, checkpoint, cli, config as config_lib, evaluators, metrics
+from big_contrast import actions, checkpoint, cli, config as config_lib, dry_run, evaluators
+from big_contrast import metrics
 from big_contrast import workdir as workdir_lib
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
@@ -146,8 +149,19 @@ def _run(config, workdir, exp, ckpt, data, evals, start, began) -> dict:
 def main():
     """Command line: flags are defined here, not at import, so modules import side-effect free."""
     config_flag = cli.define_flags("Checkpoints, metrics and TensorBoard events go here.")
+    dry_run_flag = flags.DEFINE_bool(
+        "dry_run", False, "Print each parameter's sharding and the train state's bytes per "
+        "device on this mesh, then exit; nothing is allocated or written (--workdir optional).")
 
     def run():
+        if dry_run_flag.value:
+            try:
+                text = dry_run.report(config_flag.value, cli.FLAGS.workdir)
+            except config_lib.ConfigError as e:
+                sys.exit(f"error: {e}")
+            if jax.process_index() == 0:
+                print(text, flush=True)
+            return
         try:
             train(config_flag.value, cli.FLAGS.workdir)
         except actions.Interrupted as e:
@@ -160,7 +174,7 @@ def main():
                 workdir_lib.WorkdirError, pipeline.CorruptDataError) as e:
             sys.exit(f"error: {e}")
 
-    cli.run(run)
+    cli.run(run, workdir_required=lambda: not dry_run_flag.value)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from big_contrast import sharding
+from big_contrast import grad_cache, sharding
 
 
 @flax.struct.dataclass
@@ -78,9 +78,10 @@ class StateFactory:
     """
 
     def __init__(self, objective, make_tx, example_batch: dict, mesh, rules, seed: int,
-                 ema_decay: float = 0.0):
+                 ema_decay: float = 0.0, micro_batches: int = 1):
         self.objective = objective
         self.ema_decay = ema_decay
+        self.micro_batches = micro_batches  # GradCache slices per step (1: off)
         self.mesh = mesh
         self.rules = rules
         self._batch = example_batch
@@ -188,7 +189,9 @@ def make_train_step(factory: StateFactory, state_shardings: TrainState, poison: 
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+        grad_fn = (grad_cache.value_and_grad(objective, factory.micro_batches, factory.mesh)
+                   if factory.micro_batches > 1
+                   else jax.value_and_grad(objective.loss_fn, has_aux=True))
         (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng,
                                                      state.step)
         grads = spoil(state.step, "grads", grads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from big_contrast import evaluators, optim
 from big_contrast.config import ConfigError, closest_suggestion
-from big_contrast.data import mixture, sources, tokenizers
+from big_contrast.data import mixture, sources, synthetic, tokenizers
 from big_contrast.models import (convnet, efficientnet, heads, image_layers, resnet, transformer,
                                  two_tower)
 from big_contrast.objectives import OBJECTIVES
@@ -75,6 +75,17 @@ def _probability(key: str, value) -> None:
     _check(key, value, 0 <= value <= 1, "a probability in [0, 1]")
 
 
+def _synthetic_world(config) -> None:
+    """The synthetic world's background and position names (typos named with a suggestion)."""
+    world = config.data.synthetic
+    for key, names, known in (("backgrounds", world.backgrounds, synthetic.BACKGROUNDS),
+                              ("positions", world.positions, synthetic.POSITIONS)):
+        if not names:
+            raise ConfigError(f"data.synthetic.{key} is empty; choose from: {', '.join(known)}")
+        for name in names:
+            _choice(f"an entry of data.synthetic.{key}", name, known)
+
+
 def _augmentation(config) -> None:
     augment = config.data.augment
     for name in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
@@ -137,6 +148,25 @@ def _image_only(config) -> None:
                f"a multiple of batch_size ({config.batch_size}): the queue holds whole batches")
 
 
+def _contrastive_loss(config) -> None:
+    loss = config.loss
+    _choice("loss.contrastive", loss.contrastive, ("softmax", "sigmoid"))
+    if loss.contrastive == "sigmoid":
+        if config.objective != "contrastive":
+            raise ConfigError(f"loss.contrastive 'sigmoid' is for the 'contrastive' objective, "
+                              f"not {config.objective!r}")
+        if config.model.init_bias is None:
+            raise ConfigError("loss.contrastive 'sigmoid' needs a logit bias: set "
+                              "model.init_bias (SigLIP: -10)")
+        if loss.block_size:
+            raise ConfigError("loss.block_size is for the softmax loss; the sigmoid loss "
+                              "already scores one device's block at a time (set it to 0)")
+    _check("loss.block_size", loss.block_size, loss.block_size >= 0,
+           ">= 0 (0: the dense softmax loss)")
+    micro = config.grad_cache.micro_batches
+    _check("grad_cache.micro_batches", micro, micro >= 1, ">= 1 (1: off)")
+
+
 def validate(config) -> None:
     """Raises ConfigError for the first config value the trainer cannot use."""
     _choice("objective", config.objective, sorted(OBJECTIVES))
@@ -147,6 +177,7 @@ def validate(config) -> None:
     _choice("model.projection", config.model.projection, heads.PROJECTIONS)
     _choice("text.tokenizer", config.text.tokenizer, tokenizers.TOKENIZERS)
     _choice("data.source", config.data.source, sources.SOURCES)
+    _synthetic_world(config)
     mixture.check(config.data)
     if config.data.mixture:
         for key in ("total_epochs", "optim.warmup_epochs"):
@@ -189,6 +220,7 @@ def validate(config) -> None:
         _check(key, _number(config, key), 0 <= _number(config, key) < 1, "in [0, 1)")
     for key in ("loss.contrastive_weight", "loss.caption_weight"):
         _check(key, _number(config, key), _number(config, key) >= 0, ">= 0")
+    _contrastive_loss(config)
     _check("model.decoder.queries", config.model.decoder.queries,
            config.model.decoder.queries > 0, "> 0")
     for key in ("model.decoder.unimodal_depth", "model.decoder.multimodal_depth"):

@@ -28,6 +28,9 @@ RESUME_SAFE = (
     "sharding_rules",
     "data.num_workers", "data.prefetch", "data.read_threads", "data.worker_buffer_size",
     "data.max_corrupt_fraction", "debug.",
+    # How the loss is computed, not what: the same value and gradients (GradCache draws dropout
+    # per micro-batch, so a run with dropout continues with other masks).
+    "loss.block_size", "grad_cache.",
 )
 
 # What fixes the weights a checkpoint holds: evaluation must agree on these and nothing else.

@@ -12,7 +12,7 @@ Variants (the text after ':' in --config):
 Options after the variant: e.g. 'demo,bs=64'.
 """
 
-from big_contrast import config as bc
+from big_contrast import config as bc, recipe_parts
 
 
 def get_config(arg=None):
@@ -56,12 +56,7 @@ def _demo(c):
     c.text.max_len = 24
     c.text.vocab_size = 4096
     c.data.image_size = 32
-    c.evals.zeroshot_val = dict(type="zero_shot", every=0, split="val", label_key="shape",
-                                num_examples=1000, where={"num_objects": 1})
-    c.evals.zeroshot_heldout = dict(type="zero_shot", every=0, split="heldout_combos",
-                                    label_key="shape", num_examples=1000)
-    c.evals.zeroshot_heldout_colour = dict(type="zero_shot", every=0, split="heldout_combos",
-                                           label_key="colour", num_examples=1000)
+    recipe_parts.synthetic_zero_shot_evals(c)
 
 
 def _paper_l2(c):
@@ -80,10 +75,7 @@ def _paper_l2(c):
     c.text.tokenizer = "sentencepiece"
     c.text.max_len = 64
     c.text.vocab_size = 100_000
-    c.data.source = "array_record"
-    c.data.path = "/data/image_text/{split}.array_record-*"
-    c.data.image_size = 289
-    c.data.num_workers = 16
+    recipe_parts.image_text_pairs_on_disk(c, image_size=289)
     c.data.augment.crop_scale = (0.08, 1.0)  # random resized crop
     c.data.augment.flip = True
     c.evals.retrieval_val.every = 10_000

@@ -10,7 +10,7 @@ Variants (the text after ':' in --config):
 Options after the variant: e.g. 'demo,bs=128' or 'B/32,bs=4096'.
 """
 
-from big_contrast import config as bc
+from big_contrast import config as bc, recipe_parts
 
 
 def get_config(arg=None):
@@ -18,33 +18,7 @@ def get_config(arg=None):
 
 
 def _demo(c):
-    c.batch_size = 128
-    c.total_steps = 1000
-    c.log_every = 50
-    c.checkpoint_every = 250
-    c.optim.lr = 4e-3
-    c.optim.weight_decay = 0.1
-    c.optim.warmup_steps = 50
-    c.ema_decay = 0.99  # the reported result: the averaged weights (online ones beside them)
-    c.model.image.type = "convnet"
-    c.model.image.variant = "16x1,32,64"
-    c.model.image.stem = "none"
-    c.model.image.pool = "gap_max"
-    c.model.text.variant = "bow"
-    c.model.text.pool = "mean"
-    c.model.embed_dim = 128
-    c.text.tokenizer = "words"
-    c.text.max_len = 24
-    c.text.vocab_size = 4096
-    c.data.image_size = 32
-    c.eval_batch_size = 500
-    c.evals.zeroshot_val = dict(type="zero_shot", every=0, split="val", label_key="shape",
-                                num_examples=1000, where={"num_objects": 1})
-    c.evals.zeroshot_heldout = dict(type="zero_shot", every=0, split="heldout_combos",
-                                    label_key="shape", num_examples=1000)
-    c.evals.zeroshot_heldout_colour = dict(type="zero_shot", every=0, split="heldout_combos",
-                                           label_key="colour", num_examples=1000)
-    c.evals.retrieval_val = dict(type="retrieval", every=0, split="val", num_examples=1000)
+    recipe_parts.image_text_demo(c)
 
 
 def _paper_b32(c):
@@ -64,9 +38,6 @@ def _paper_b32(c):
     c.text.tokenizer = "sentencepiece"
     c.text.max_len = 77  # BOS + 75 tokens + EOS
     c.text.vocab_size = 49_408
-    c.data.source = "array_record"
-    c.data.path = "/data/image_text/{split}.array_record-*"
-    c.data.image_size = 224
-    c.data.num_workers = 16
+    recipe_parts.image_text_pairs_on_disk(c, image_size=224)
     c.data.augment.crop_scale = (0.9, 1.0)
     c.evals.retrieval_val = dict(type="retrieval", every=10_000, split="val", num_examples=5_000)

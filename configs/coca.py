@@ -19,7 +19,7 @@ Variants (the text after ':' in --config):
 Options after the variant: e.g. 'demo,bs=64'.
 """
 
-from big_contrast import config as bc
+from big_contrast import config as bc, recipe_parts
 
 
 def get_config(arg=None):
@@ -56,10 +56,7 @@ def _demo(c):
     c.text.max_len = 24
     c.data.image_size = 32
     c.eval_batch_size = 500
-    c.evals.zeroshot_val = dict(type="zero_shot", every=0, split="val", label_key="shape",
-                                num_examples=1000, where={"num_objects": 1})
-    c.evals.zeroshot_heldout = dict(type="zero_shot", every=0, split="heldout_combos",
-                                    label_key="shape", num_examples=1000)
+    recipe_parts.synthetic_zero_shot_evals(c, colour=False)
     c.evals.generative_zeroshot_heldout = dict(type="zero_shot", every=0, split="heldout_combos",
                                                label_key="shape", num_examples=1000,
                                                scorer="generative")
@@ -94,8 +91,5 @@ def _paper_base(c):
     c.text.tokenizer = "sentencepiece"
     c.text.max_len = 64
     c.text.vocab_size = 64_000
-    c.data.source = "array_record"
-    c.data.path = "/data/image_text/{split}.array_record-*"
-    c.data.image_size = 288
-    c.data.num_workers = 16
+    recipe_parts.image_text_pairs_on_disk(c, image_size=288)
     c.evals.retrieval_val = dict(type="retrieval", every=10_000, split="val", num_examples=5_000)

@@ -24,25 +24,14 @@ def get_config(arg=None):
 
 def _simclr(c):
     """What every SimCLR variant shares."""
+    recipe_parts.ssl_augmentation_and_lars(c)
     c.objective = "simclr"
     c.simclr.loss = "ntxent"
     c.loss.temperature = 0.1
-    c.model.embed_dim = 128
-    c.model.head.layers = 2
     c.data.multicrop.global_crops = 2
     c.data.multicrop.local_crops = 0
     c.data.multicrop.global_scale = (0.08, 1.0)
-    c.data.augment.flip = True
-    c.data.augment.colour_jitter = 1.0
-    c.data.augment.jitter_prob = 0.8
-    c.data.augment.grayscale_prob = 0.2
-    c.data.augment.blur_prob = 0.5
-    c.optim.name = "lars"
-    c.optim.momentum = 0.9
-    c.optim.trust_coefficient = 0.001
-    c.optim.clip_norm = 0.0
     c.optim.exclude_groups = ["vectors"]  # biases and batch-norm parameters
-    c.optim.no_decay = []
 
 
 def _demo(c):

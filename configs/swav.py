@@ -25,24 +25,13 @@ def get_config(arg=None):
 
 def _swav(c):
     """What every SwAV variant shares: the official repository's defaults."""
+    recipe_parts.ssl_augmentation_and_lars(c)
     c.objective = "swav"
-    c.model.embed_dim = 128
-    c.model.head.layers = 2
     c.loss.temperature = 0.1
     c.swav.epsilon = 0.05
     c.swav.sinkhorn_iterations = 3
     c.swav.assign_crops = 2
-    c.data.augment.flip = True
-    c.data.augment.colour_jitter = 1.0
-    c.data.augment.jitter_prob = 0.8
-    c.data.augment.grayscale_prob = 0.2
-    c.data.augment.blur_prob = 0.5
-    c.optim.name = "lars"
-    c.optim.momentum = 0.9
-    c.optim.trust_coefficient = 0.001
-    c.optim.clip_norm = 0.0
     c.optim.exclude_groups = []  # SwAV's LARC covers every parameter, biases and norms too
-    c.optim.no_decay = []
 
 
 def _demo(c):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from big_contrast import config as bc
+from big_contrast import config as bc, validation
 from tests.helpers import REPO
 
 
@@ -72,3 +72,11 @@ def test_misspelt_command_line_key_fails_naming_the_valid_key(tmp_path):
     assert result.returncode != 0
     assert "unknown config key 'totl_steps'; did you mean 'total_steps'?" in result.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_misspelt_synthetic_world_name_is_named_with_a_suggestion():
+    config = bc.load_config_file(os.path.join(REPO, "configs/simclr.py:demo"))
+    bc.apply_overrides(config, {"data.synthetic.backgrounds": "('plain', 'stripy')"})
+    with pytest.raises(bc.ConfigError, match="data.synthetic.backgrounds is 'stripy'; did you "
+                                             "mean 'striped'"):
+        validation.validate(config)

@@ -108,3 +108,15 @@ def test_simclr_v1_recipe_shape_checks():
     assert _count(state.params["image_tower"]) == 23_508_032
     assert state.params["head"]["out"]["kernel"].shape == (2048, 128)
     assert "prototypes" not in state.params
+
+
+def test_siglip_b16_recipe_shape_checks():
+    config, exp, state = _abstract_state("siglip.py:B/16")
+    params = state.params
+    assert config.batch_size == 32_768 and config.data.image_size == 256
+    assert exp.total_steps == 1_220_703  # 40B examples of 32,768
+    # ViT-B/16 at 256 px (256 patches): ~86M; a B-sized text transformer with a 32k vocabulary
+    # and 64 positions: ~110M. The sigmoid loss's scale and bias are scalars.
+    assert 85e6 < _count(params["image_tower"]) < 88e6, _count(params["image_tower"])
+    assert 108e6 < _count(params["text_tower"]) < 112e6, _count(params["text_tower"])
+    assert params["bias"].shape == () and params["log_scale"].shape == ()

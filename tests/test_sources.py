@@ -149,3 +149,9 @@ def test_evaluation_examples_skip_corrupt_rows_and_keep_labels(tmp_path):
     examples = common.load_examples(source, 16, 100, labels=("label",))
     assert examples["image"].shape == (8, 16, 16, 3)
     assert sorted(examples["label"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_an_unprepared_tfds_dataset_is_never_downloaded_and_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tfds build imagenet2012 --file_format=array_record"):
+        sources.TfdsSource("imagenet2012", "train", str(tmp_path), "image", "label")
+    assert not any(tmp_path.iterdir())  # nothing downloaded or prepared

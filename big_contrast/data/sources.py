@@ -248,13 +248,22 @@ def _image_files(folder: str) -> list[str]:
 
 
 class TfdsSource:
-    """A TFDS dataset prepared as ArrayRecord, read through ``tfds.data_source`` (no TF)."""
+    """A TFDS dataset prepared as ArrayRecord, read through ``tfds.data_source`` (no TF); it is
+    never downloaded from here (preparing ImageNet is a job of its own)."""
 
     def __init__(self, name: str, split: str, data_dir: str | None, image_key: str,
                  caption_key: str):
         import tensorflow_datasets as tfds  # heavy import, only for this source
 
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        try:  # never download or prepare from here: a run (or a dry run) only reads
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                            download=False)
+        except Exception as e:  # tfds raises several types for "not prepared"
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} (split {split!r}) is not prepared as ArrayRecord under "
+                f"data_dir {data_dir or '~/tensorflow_datasets'!r}; prepare it first: tfds build "
+                f"{name} --file_format=array_record --data_dir=DIR ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]})") from e
         self._image_key, self._caption_key = image_key, caption_key
         self.name = f"{name}:{split}"
 

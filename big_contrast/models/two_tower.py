@@ -1,5 +1,6 @@
 """Two-tower (dual encoder) model: image and text towers, projections into one space, L2
-normalisation, and a learnable log-temperature (CLIP: scale starts at 1/0.07, clamped at 100)."""
+normalisation, a learnable log-temperature (CLIP: scale starts at 1/0.07, clamped at 100) and,
+for sigmoid losses, a learnable logit bias (SigLIP: starts at -10)."""
 
 from __future__ import annotations
 
@@ -51,11 +52,13 @@ def l2_normalise(x):
 
 
 class TwoTower(nn.Module):
-    """Returns {'image', 'text': L2-normalised embeddings, 'scale': exp(log_scale)}.
+    """Returns {'image', 'text': L2-normalised embeddings, 'scale': exp(log_scale)} and, with
+    ``init_bias``, 'bias'.
 
     Either input may be None (evaluators embed one modality at a time). ``log_scale`` is a
     parameter when ``learn_scale``; ``clamp_log_scale`` keeps it in [0, log(max_scale)] after
-    every optimizer step, as CLIP does.
+    every optimizer step, as CLIP does. ``init_bias`` (None: no bias) adds a learnable scalar
+    'bias' added to every logit, which the sigmoid loss needs.
     """
 
     image_tower: nn.Module
@@ -64,6 +67,7 @@ class TwoTower(nn.Module):
     projection: str = "linear"
     init_scale: float = 1 / 0.07
     learn_scale: bool = True
+    init_bias: float | None = None
 
     def setup(self):
         self.image_proj = heads.Projection(self.embed_dim, self.projection)
@@ -76,6 +80,16 @@ class TwoTower(nn.Module):
                     lambda _: jnp.asarray(init, jnp.float32), ()))
         else:
             self.log_scale = jnp.asarray(init, jnp.float32)
+        if self.init_bias is not None:
+            self.bias = self.param("bias", nn.with_logical_partitioning(
+                lambda _: jnp.asarray(self.init_bias, jnp.float32), ()))
+
+    def logit_parameters(self) -> dict:
+        """{'scale'} and, with a bias, {'bias'}: what the loss applies to the similarities."""
+        out = {"scale": jnp.exp(self.log_scale)}
+        if self.init_bias is not None:
+            out["bias"] = self.bias
+        return out
 
     def encode_image(self, images, train: bool = False):
         pooled, _ = self.image_tower(images, train=train)
@@ -86,7 +100,7 @@ class TwoTower(nn.Module):
         return l2_normalise(self.text_proj(pooled))
 
     def __call__(self, images=None, texts=None, train: bool = False):
-        out = {"scale": jnp.exp(self.log_scale)}
+        out = self.logit_parameters()
         if images is not None:
             out["image"] = self.encode_image(images, train)
         if texts is not None:

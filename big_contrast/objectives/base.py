@@ -8,6 +8,7 @@ import abc
 
 import jax
 
+from big_contrast import optim
 from big_contrast.data.spec import BatchSpec
 
 
@@ -39,7 +40,7 @@ class Objective(abc.ABC):
         are spared weight decay and LARS trust-ratio scaling, and ``frozen_groups`` are held
         still for their first steps. Default: 'vectors' for biases, norm scales and scalars
         (fewer than 2 dimensions), 'weights' for matrices and kernels."""
-        return jax.tree.map(lambda leaf: "weights" if len(leaf.shape) > 1 else "vectors", params)
+        return optim.default_groups(params)
 
     def frozen_groups(self) -> dict[str, int]:
         """{group: N}: the group's parameters do not move during the first N optimizer steps
@@ -77,3 +78,24 @@ class Objective(abc.ABC):
     def score_captions(self, params, model_state: dict, images, tokens):
         """Log-likelihood [B, K] of each of K tokenised captions given each of B images."""
         raise NotImplementedError(f"{type(self).__name__} has no caption decoder")
+
+
+class PerExampleObjective(Objective):
+    """An objective whose loss is a function of per-example outputs of its towers (two-tower
+    embeddings, CoCa's per-caption token losses): ``loss_fn`` is ``loss_from_outputs`` of
+    ``per_example_outputs``. The split lets the trainer's GradCache (grad_cache.py) run the
+    towers micro-batch by micro-batch while the loss still sees the whole global batch."""
+
+    @abc.abstractmethod
+    def per_example_outputs(self, params, model_state: dict, batch: dict, rng, step):
+        """The towers' forward pass: ({name: [B, ...] array}, new model_state)."""
+
+    @abc.abstractmethod
+    def loss_from_outputs(self, params, outputs: dict, step):
+        """(loss, metrics) from the whole global batch's outputs; ``params`` supply what the
+        loss itself learns (the logit scale, a bias)."""
+
+    def loss_fn(self, params, model_state, batch, rng, step):
+        outputs, new_state = self.per_example_outputs(params, model_state, batch, rng, step)
+        loss, metrics = self.loss_from_outputs(params, outputs, step)
+        return loss, (metrics, new_state)

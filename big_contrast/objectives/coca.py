@@ -10,14 +10,14 @@ import jax.numpy as jnp
 from big_contrast import decoding, losses
 from big_contrast.config import ConfigError
 from big_contrast.models import coca, two_tower
-from big_contrast.objectives.base import Objective
-from big_contrast.objectives.contrastive import global_softmax_contrastive, image_text_spec
+from big_contrast.objectives.base import PerExampleObjective
+from big_contrast.objectives.contrastive import global_contrastive_loss, image_text_spec
 
 
-class CoCa(Objective):
+class CoCa(PerExampleObjective):
     """config.model: {image, text.variant, decoder.{unimodal_depth, multimodal_depth,
-    queries, pooler_heads}, embed_dim, init_scale, max_scale}; config.loss: {label_smoothing,
-    contrastive_weight, caption_weight, caption_label_smoothing}."""
+    queries, pooler_heads}, embed_dim, init_scale, max_scale}; config.loss: {block_size,
+    label_smoothing, contrastive_weight, caption_weight, caption_label_smoothing}."""
 
     can_caption = True
 
@@ -37,7 +37,7 @@ class CoCa(Objective):
         self.pad_id, self.bos_id = tokenizer.pad_id, tokenizer.bos_id
         self.max_scale = config.model.max_scale
         loss = config.loss
-        self.label_smoothing = loss.label_smoothing
+        self.contrastive_loss = global_contrastive_loss(loss)
         self.weights = (loss.contrastive_weight, loss.caption_weight)
         self.caption_smoothing = loss.caption_label_smoothing
         self._spec = image_text_spec(config)
@@ -49,20 +49,27 @@ class CoCa(Objective):
     def init_variables(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"], batch["text"])
 
-    def loss_fn(self, params, model_state, batch, rng, step):
+    def per_example_outputs(self, params, model_state, batch, rng, step):
         del rng, step  # no dropout, nothing scheduled
         text = batch["text"]
         out, new_state = self.model.apply({"params": params, **model_state}, batch["image"], text,
                                           train=True, mutable=list(model_state))
-        contrastive = global_softmax_contrastive(out["image"], out["text"], out["scale"],
-                                                 self.label_smoothing)
         targets = text[:, 1:]
-        caption = losses.caption_loss(out["logits"][:, :-1], targets, targets != self.pad_id,
-                                      label_smoothing=self.caption_smoothing)
+        nll, tokens = losses.caption_token_losses(
+            out["logits"][:, :-1], targets, targets != self.pad_id,
+            label_smoothing=self.caption_smoothing)
+        outputs = {"image": out["image"], "text": out["text"], "caption_nll": nll,
+                   "caption_tokens": tokens}
+        return outputs, dict(new_state)
+
+    def loss_from_outputs(self, params, outputs, step):
+        logit = {"scale": jnp.exp(params["log_scale"])}
+        contrastive = self.contrastive_loss(outputs["image"], outputs["text"], logit)
+        caption = losses.mean_token_loss(outputs["caption_nll"], outputs["caption_tokens"])
         loss = self.weights[0] * contrastive + self.weights[1] * caption
         metrics = {"loss": loss, "contrastive_loss": contrastive, "caption_loss": caption,
-                   "temperature": 1.0 / out["scale"]}
-        return loss, (metrics, dict(new_state))
+                   "temperature": 1.0 / logit["scale"]}
+        return loss, metrics
 
     def postprocess_params(self, params):
         return two_tower.clamp_log_scale(params, self.max_scale)

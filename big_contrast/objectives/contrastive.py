@@ -1,5 +1,6 @@
-"""CLIP / ALIGN: a two-tower model trained with the symmetric softmax InfoNCE over the global
-batch (negatives gathered across devices inside shard_map)."""
+"""CLIP / ALIGN / SigLIP: a two-tower model trained with a contrastive loss over the global
+batch (softmax InfoNCE, dense or blockwise, or SigLIP's pairwise sigmoid; negatives from every
+device inside shard_map)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,23 @@ from jax.sharding import PartitionSpec as P
 from big_contrast import losses
 from big_contrast.models import two_tower
 from big_contrast.data.spec import BatchSpec, ImageView
-from big_contrast.objectives.base import Objective
+from big_contrast.objectives.base import PerExampleObjective
 from big_contrast.sharding import BATCH_AXES
 
 
-def global_softmax_contrastive(image_emb, text_emb, scale, label_smoothing: float = 0.0):
-    """softmax_contrastive over the global batch: local rows x gathered columns per device."""
-    loss = functools.partial(losses.softmax_contrastive, axis_name=BATCH_AXES,
-                             label_smoothing=label_smoothing)
-    sharded = jax.shard_map(loss, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P())
-    return sharded(image_emb, text_emb, scale)
+def global_contrastive_loss(loss_config):
+    """(image_emb, text_emb, logit_params) -> scalar: the configured image-text loss over the
+    global batch, each device scoring its local rows (shard_map over the batch axes)."""
+    if loss_config.contrastive == "sigmoid":
+        sigmoid = jax.shard_map(functools.partial(losses.sigmoid_contrastive, axis_name=BATCH_AXES),
+                                in_specs=(P(BATCH_AXES), P(BATCH_AXES), P(), P()), out_specs=P())
+        return lambda x, y, logit: sigmoid(x, y, logit["scale"], logit["bias"])
+    softmax = jax.shard_map(
+        functools.partial(losses.softmax_contrastive, axis_name=BATCH_AXES,
+                          label_smoothing=loss_config.label_smoothing,
+                          block_size=loss_config.block_size),
+        in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P())
+    return lambda x, y, logit: softmax(x, y, logit["scale"])
 
 
 def image_text_spec(config) -> BatchSpec:
@@ -30,9 +38,9 @@ def image_text_spec(config) -> BatchSpec:
                      text=True)
 
 
-class Contrastive(Objective):
-    """config.model: {image, text, embed_dim, projection, init_scale, learn_scale, max_scale};
-    config.loss: {label_smoothing}."""
+class Contrastive(PerExampleObjective):
+    """config.model: {image, text, embed_dim, projection, init_scale, learn_scale, max_scale,
+    init_bias}; config.loss: {contrastive, block_size, label_smoothing}."""
 
     def __init__(self, config, tokenizer):
         model_cfg = config.model
@@ -41,9 +49,10 @@ class Contrastive(Objective):
             text_tower=two_tower.build_text_tower(model_cfg.text, tokenizer.vocab_size,
                                                   tokenizer.eos_id),
             embed_dim=model_cfg.embed_dim, projection=model_cfg.projection,
-            init_scale=model_cfg.init_scale, learn_scale=model_cfg.learn_scale)
+            init_scale=model_cfg.init_scale, learn_scale=model_cfg.learn_scale,
+            init_bias=model_cfg.init_bias)
         self.max_scale = model_cfg.max_scale
-        self.label_smoothing = config.loss.label_smoothing
+        self.contrastive_loss = global_contrastive_loss(config.loss)
         self._spec = image_text_spec(config)
 
     @property
@@ -53,15 +62,20 @@ class Contrastive(Objective):
     def init_variables(self, rng, batch):
         return self.model.init({"params": rng, "dropout": rng}, batch["image"], batch["text"])
 
-    def loss_fn(self, params, model_state, batch, rng, step):
+    def per_example_outputs(self, params, model_state, batch, rng, step):
         del step  # nothing scheduled
         out, new_state = self.model.apply(
             {"params": params, **model_state}, batch["image"], batch["text"], train=True,
             rngs={"dropout": rng}, mutable=list(model_state))
-        loss = global_softmax_contrastive(out["image"], out["text"], out["scale"],
-                                          self.label_smoothing)
-        metrics = {"loss": loss, "temperature": 1.0 / out["scale"]}
-        return loss, (metrics, dict(new_state))
+        return {"image": out["image"], "text": out["text"]}, dict(new_state)
+
+    def loss_from_outputs(self, params, outputs, step):
+        logit = self.model.apply({"params": params}, method=two_tower.TwoTower.logit_parameters)
+        loss = self.contrastive_loss(outputs["image"], outputs["text"], logit)
+        metrics = {"loss": loss, "temperature": 1.0 / logit["scale"]}
+        if "bias" in logit:
+            metrics["bias"] = logit["bias"]
+        return loss, metrics
 
     def postprocess_params(self, params):
         return two_tower.clamp_log_scale(params, self.max_scale)

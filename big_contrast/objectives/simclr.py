@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from big_contrast import losses
@@ -15,6 +16,15 @@ from big_contrast.objectives.image_only import ImageOnly
 from big_contrast.sharding import BATCH_AXES
 
 LOSSES = {"ntxent": losses.ntxent, "dcl": losses.decoupled_contrastive}
+
+
+def _global_anchor_ids(local_rows: int):
+    """Global ids of this device's anchors (its rows of view 1, then of view 2; inside
+    shard_map), numbered as on one device: view v's row g of the global batch B is v * B + g."""
+    device = jax.lax.axis_index(BATCH_AXES)
+    global_rows = local_rows * jax.lax.axis_size(BATCH_AXES)
+    rows = device * local_rows + jnp.arange(local_rows)
+    return jnp.concatenate([rows, global_rows + rows])
 
 
 class SimCLR(ImageOnly):
@@ -40,8 +50,8 @@ class SimCLR(ImageOnly):
         if self.mixing is not None:
             anchors, candidates, negatives = losses.hard_negative_candidates(
                 z1, z2, axis_name=BATCH_AXES)
-            device_rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
-            extra = self.mixing(anchors, candidates, negatives, device_rng)
+            extra = self.mixing(anchors, candidates, negatives, rng,
+                                anchor_ids=_global_anchor_ids(z1.shape[0]))
         return self.loss(z1, z2, extra_negatives=extra)
 
     def loss_fn(self, params, model_state, batch, rng, step):

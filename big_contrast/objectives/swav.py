@@ -83,10 +83,13 @@ class SwAV(ImageOnly):
             loss = self._sharded_loss(scores)
         else:
             queue = model_state["queue"]
-            queue_scores = queue["embeddings"] @ jax.lax.stop_gradient(params[PROTOTYPES]).T
             in_use = queue["filled"] >= self.queue_length
-            loss = jax.lax.cond(in_use, lambda: self._sharded_loss(scores, queue_scores),
-                                lambda: self._sharded_loss(scores))
+
+            def with_queue():  # the queue is scored only once it is full
+                prototypes = jax.lax.stop_gradient(params[PROTOTYPES])
+                return self._sharded_loss(scores, queue["embeddings"] @ prototypes.T)
+
+            loss = jax.lax.cond(in_use, with_queue, lambda: self._sharded_loss(scores))
             model_state = {**model_state, "queue": self._push(queue, out["embeddings"], step)}
             metrics["queue_in_use"] = in_use.astype(jnp.float32)
         metrics["loss"] = loss
