@@ -3,6 +3,8 @@
 import csv
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -128,3 +130,14 @@ def write_bad_manifest(folder, good: int, bad_each: int = 1) -> str:
         for i in order:
             f.write(rows[i][0] + b"," + rows[i][1] + b"\n")
     return manifest
+
+
+def parameter_count(tree) -> int:
+    """Total number of entries over a tree's leaves (arrays or ShapeDtypeStructs)."""
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def random_images(batch: int, seed: int = 0, size: int = 32):
+    """[batch, size, size, 3] uint8 noise images as a jax array."""
+    return jnp.asarray(np.random.RandomState(seed).randint(0, 256, (batch, size, size, 3),
+                                                           np.uint8))

@@ -11,6 +11,7 @@ import pytest
 
 from big_contrast.models import efficientnet
 from big_contrast.models.efficientnet import EfficientNet
+from tests.helpers import parameter_count, random_images
 
 # Keras EfficientNetB*(include_top=True) totals; without the 7 statistics of its input
 # Normalization layer and its 1000-way classifier (head_channels * 1000 + 1000) they are the
@@ -31,18 +32,10 @@ def _shapes(variant, size):
     return jax.eval_shape(lambda x: EfficientNet(variant).init(KEY, x), images)
 
 
-def _count(tree):
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _images(batch, seed=0):
-    return jnp.asarray(np.random.RandomState(seed).randint(0, 256, (batch, 32, 32, 3), np.uint8))
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model = EfficientNet("tiny")
-    variables = _jit(model.init)(KEY, _images(4))
+    variables = _jit(model.init)(KEY, random_images(4))
     return model, variables
 
 
@@ -56,11 +49,11 @@ def apply_train():
 
 def test_b0_matches_keras_without_top():
     shapes = _shapes("B0", 224)
-    assert _count(shapes["params"]) == KERAS_B0_TRAINABLE_NO_TOP
-    assert _count(shapes["batch_stats"]) == 42_016  # running mean + var of every BN
-    assert _count(shapes) == 4_049_564
+    assert parameter_count(shapes["params"]) == KERAS_B0_TRAINABLE_NO_TOP
+    assert parameter_count(shapes["batch_stats"]) == 42_016  # running mean + var of every BN
+    assert parameter_count(shapes) == 4_049_564
     # ~5.3M of the paper = backbone + 1280 x 1000 classifier.
-    assert abs(_count(shapes["params"]) + 1280 * 1000 + 1000 - 5.3e6) / 5.3e6 < 0.01
+    assert abs(parameter_count(shapes["params"]) + 1280 * 1000 + 1000 - 5.3e6) / 5.3e6 < 0.01
 
 
 @pytest.mark.parametrize("variant", ["B3", "B7"])
@@ -68,11 +61,11 @@ def test_scaled_variants_match_keras(variant):
     head = efficientnet.round_filters(efficientnet.HEAD_CHANNELS,
                                       efficientnet.VARIANTS[variant].width)
     expected = KERAS_TOTALS[variant] - 7 - (head * 1000 + 1000)
-    assert _count(_shapes(variant, 32)) == expected  # counts do not depend on resolution
+    assert parameter_count(_shapes(variant, 32)) == expected  # counts do not depend on resolution
 
 
 def test_l2_size():
-    params = _count(_shapes("L2", 64)["params"])
+    params = parameter_count(_shapes("L2", 64)["params"])
     assert 400e6 < params < 520e6  # Noisy Student: ~480M with its 5504 x 1000 classifier
     assert efficientnet.resolution("L2") == 800
     assert efficientnet.resolution("B0") == 224
@@ -94,7 +87,7 @@ def test_params_are_replicated_logically():
 
 def test_tiny_forward_and_batch_stats(tiny, apply_train):
     model, variables = tiny
-    images = _images(4)
+    images = random_images(4)
     assert variables["params"]["stem_conv"]["kernel"].value.shape == (3, 3, 3, 8)
 
     apply_eval = _jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))
@@ -124,7 +117,7 @@ def test_tiny_forward_and_batch_stats(tiny, apply_train):
 
 def test_drop_connect(tiny, apply_train):
     model, variables = tiny
-    images = _images(4)
+    images = random_images(4)
     rng_a, rng_b = jax.random.split(jax.random.key(1, impl="rbg"))
     (a, _), _ = apply_train(model, variables, images, rng_a)
     (a_again, _), _ = apply_train(model, variables, images, rng_a)
@@ -140,7 +133,7 @@ def test_drop_connect(tiny, apply_train):
 
 def test_remat_matches(tiny, apply_train):
     model, variables = tiny
-    images = _images(4)
+    images = random_images(4)
     (plain, _), plain_stats = apply_train(model, variables, images, KEY)
     (rematted, _), remat_stats = apply_train(EfficientNet("tiny", remat=True), variables,
                                              images, KEY)

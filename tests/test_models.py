@@ -12,10 +12,7 @@ import pytest
 from big_contrast.models import transformer, two_tower
 from big_contrast.models.text import TextTransformer
 from big_contrast.models.vit import ViT
-
-
-def _count(tree):
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+from tests.helpers import parameter_count
 
 
 def _shapes(module, *inputs):
@@ -28,7 +25,7 @@ def test_vit_b32_parameter_count_matches_clip():
     # plus the patch-embedding bias ours has and CLIP's does not.
     images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
     params = _shapes(ViT("B/32", pool="cls"), images)
-    assert _count(params) == 87_456_000 + 768
+    assert parameter_count(params) == 87_456_000 + 768
 
 
 def test_text_tower_matches_clip_b32_text_transformer():
@@ -36,8 +33,8 @@ def test_text_tower_matches_clip_b32_text_transformer():
     # 49,408 tokens): 12 blocks of 3,152,384 + token and position embeddings + final LayerNorm.
     tokens = jax.ShapeDtypeStruct((1, 77), jnp.int32)
     params = _shapes(TextTransformer("M", vocab_size=49_408), tokens)
-    assert _count(params["encoder"]) == 12 * 3_152_384
-    assert _count(params) == 12 * 3_152_384 + 49_408 * 512 + 77 * 512 + 2 * 512
+    assert parameter_count(params["encoder"]) == 12 * 3_152_384
+    assert parameter_count(params) == 12 * 3_152_384 + 49_408 * 512 + 77 * 512 + 2 * 512
 
 
 @pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/16", "L/14", "H/14", "g/14", "So400m/14"])

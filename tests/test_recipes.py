@@ -1,7 +1,6 @@
 """Paper-scale recipes build and shape-check on CPU with jax.eval_shape: model, optimizer
 state and shardings, without allocating a single parameter."""
 
-import math
 import os
 
 import jax
@@ -9,7 +8,7 @@ import jax
 from big_contrast import config as bc
 from big_contrast.data.tokenizers import VocabularyTokenizer
 from big_contrast.experiment import Experiment
-from tests.helpers import REPO
+from tests.helpers import REPO, parameter_count
 
 
 def _abstract_state(recipe, examples_per_epoch=None, **overrides):
@@ -20,18 +19,14 @@ def _abstract_state(recipe, examples_per_epoch=None, **overrides):
     return config, exp, exp.state_factory.abstract()
 
 
-def _count(tree):
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 def test_clip_b32_recipe_shape_checks_with_clip_parameter_count():
     config, exp, state = _abstract_state("clip.py:B/32")
     assert config.batch_size == 32_768 and exp.local_batch_size == 32_768
     # OpenAI's ViT-B/32 CLIP has 151,277,313 parameters; ours adds the patch-embedding bias
     # (768) that OpenAI's conv1 lacks.
-    assert _count(state.params) == 151_277_313 + 768
+    assert parameter_count(state.params) == 151_277_313 + 768
     # AdamW keeps two moments per parameter.
-    assert _count(state.opt_state) >= 2 * _count(state.params)
+    assert parameter_count(state.opt_state) >= 2 * parameter_count(state.params)
     assert exp.total_steps == 390_625  # 32 epochs of 400M pairs
 
 
@@ -39,8 +34,8 @@ def test_align_l2_recipe_shape_checks():
     config, exp, state = _abstract_state("align.py:L2")
     params = state.params
     assert config.batch_size == 16_384 and exp.total_steps == 1_200_000
-    image_tower = _count(params["image_tower"])
-    text_tower = _count(params["text_tower"])
+    image_tower = parameter_count(params["image_tower"])
+    text_tower = parameter_count(params["text_tower"])
     # EfficientNet-L2 is ~480M parameters (Xie et al. 2020) and BERT-Large's encoder ~300M
     # (its 30k-wordpiece embedding is swapped here for ALIGN's 100k vocabulary).
     assert 450e6 < image_tower < 490e6, image_tower
@@ -65,8 +60,8 @@ def test_coca_base_recipe_shape_checks_near_the_paper_parameter_count(tmp_path):
     params = state.params
     assert config.batch_size == 65_536 and exp.total_steps == 500_000
     assert exp.warmup_steps == 10_000 and config.optim.name == "adafactor"
-    image = _count(params["image_tower"])
-    decoder = _count(params) - image
+    image = parameter_count(params["image_tower"])
+    decoder = parameter_count(params) - image
     # CoCa-Base (Yu et al. 2022, Table 1): 86M image encoder, 297M text decoder, 383M total.
     assert 85e6 < image < 88e6, image
     assert 0.9 * 297e6 < decoder < 1.15 * 297e6, decoder
@@ -76,7 +71,7 @@ def test_coca_base_recipe_shape_checks_near_the_paper_parameter_count(tmp_path):
     # Adafactor: momentum (one copy) + factored second moments. Attention kernels stored per
     # head ([768, 12, 3, 64]) have a second-largest dimension under optax's 128 and keep full
     # second moments, so the state is ~1.3x the parameters, against Adam's 2x.
-    assert 1.0 < _count(state.opt_state) / _count(state.params) < 1.4
+    assert 1.0 < parameter_count(state.opt_state) / parameter_count(state.params) < 1.4
 
 
 IMAGENET_TRAIN = 1_281_167  # imagenet2012's train split
@@ -91,21 +86,21 @@ def test_swav_800ep_recipe_shape_checks_with_swav_resnet50_parameter_count():
     assert exp.objective.batch_spec.image_groups()[0][1:] == (224, 2)
     assert exp.objective.batch_spec.image_groups()[1][1:] == (96, 6)
     # ResNet-50 without its classifier (torchvision: 25,557,032 - 2,049,000) ...
-    assert _count(params["image_tower"]) == 23_508_032
+    assert parameter_count(params["image_tower"]) == 23_508_032
     # ... the 2048-2048-128 head (its hidden layer bias-free: batch norm follows; SwAV's
     # nn.Linear keeps a redundant bias of 2,048) and 3,000 x 128 prototypes.
-    assert _count(params["head"]) == 2048 * 2048 + 2 * 2048 + 2048 * 128 + 128
+    assert parameter_count(params["head"]) == 2048 * 2048 + 2 * 2048 + 2048 * 128 + 128
     assert params["prototypes"].shape == (3000, 128)
     # LARS keeps one momentum per parameter (the frozen prototypes' in their own group's
     # state), plus step counters.
-    assert _count(params) <= _count(state.opt_state) <= _count(params) + 10
+    assert parameter_count(params) <= parameter_count(state.opt_state) <= parameter_count(params) + 10
 
 
 def test_simclr_v1_recipe_shape_checks():
     config, exp, state = _abstract_state("simclr.py:v1", IMAGENET_TRAIN)
     assert config.batch_size == 4096 and config.optim.lr == 4.8 == 0.3 * 4096 / 256
     assert exp.total_steps == round(100 * IMAGENET_TRAIN / 4096)
-    assert _count(state.params["image_tower"]) == 23_508_032
+    assert parameter_count(state.params["image_tower"]) == 23_508_032
     assert state.params["head"]["out"]["kernel"].shape == (2048, 128)
     assert "prototypes" not in state.params
 
@@ -117,6 +112,6 @@ def test_siglip_b16_recipe_shape_checks():
     assert exp.total_steps == 1_220_703  # 40B examples of 32,768
     # ViT-B/16 at 256 px (256 patches): ~86M; a B-sized text transformer with a 32k vocabulary
     # and 64 positions: ~110M. The sigmoid loss's scale and bias are scalars.
-    assert 85e6 < _count(params["image_tower"]) < 88e6, _count(params["image_tower"])
-    assert 108e6 < _count(params["text_tower"]) < 112e6, _count(params["text_tower"])
+    assert 85e6 < parameter_count(params["image_tower"]) < 88e6, parameter_count(params["image_tower"])
+    assert 108e6 < parameter_count(params["text_tower"]) < 112e6, parameter_count(params["text_tower"])
     assert params["bias"].shape == () and params["log_scale"].shape == ()

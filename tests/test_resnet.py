@@ -13,6 +13,7 @@ import pytest
 from big_contrast import config as bc, validation
 from big_contrast.models import resnet, two_tower
 from big_contrast.models.resnet import ResNet
+from tests.helpers import parameter_count, random_images
 
 # torchvision.models.resnetN().parameters() totals minus the 1000-way fc layer
 # (512 or 2048 inputs x 1000 + 1000 biases): 11,689,512, 21,797,672, 25,557,032, 44,549,160.
@@ -29,18 +30,10 @@ def _shapes(model, size, batch=1, **kwargs):
     return jax.eval_shape(lambda x: model.init_with_output(KEY, x, **kwargs), images)
 
 
-def _count(tree):
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _images(batch, seed=0):
-    return jnp.asarray(np.random.RandomState(seed).randint(0, 256, (batch, 32, 32, 3), np.uint8))
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model = ResNet("tiny", stem="cifar")
-    return model, _jit(model.init)(KEY, _images(4))
+    return model, _jit(model.init)(KEY, random_images(4))
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +46,13 @@ def apply_train():
 @pytest.mark.parametrize("variant", sorted(TORCHVISION_NO_FC))
 def test_parameter_counts_match_torchvision(variant):
     (pooled, tokens), variables = _shapes(ResNet(variant), 224)
-    assert _count(variables["params"]) == TORCHVISION_NO_FC[variant]
+    assert parameter_count(variables["params"]) == TORCHVISION_NO_FC[variant]
     channels = resnet.output_channels(variant)
     assert pooled.shape == (1, channels) and tokens.shape == (1, 7 * 7, channels)
     if variant == "18":
         # Running mean + var of the 20 BatchNorms: stem 64, 4 x 64, 4 x 128 + 128 (shortcut),
         # 4 x 256 + 256, 4 x 512 + 512 channels.
-        assert _count(variables["batch_stats"]) == 2 * 4800
+        assert parameter_count(variables["batch_stats"]) == 2 * 4800
 
 
 def test_block_layout_follows_torchvision():
@@ -110,7 +103,7 @@ def test_output_shapes(variant, stem, size, tokens, channels):
 
 def test_small_forward_pools_its_tokens():
     model = ResNet("small", stem="cifar", pool="gap_max")
-    images = _images(2)
+    images = random_images(2)
     (pooled, tokens), _ = _jit(model.init_with_output)(KEY, images)
     assert np.all(np.isfinite(pooled)) and np.all(tokens >= 0)  # after the final ReLU
     np.testing.assert_allclose(pooled[:, :128], tokens.mean(axis=1), rtol=1e-5)
@@ -119,7 +112,7 @@ def test_small_forward_pools_its_tokens():
 
 def test_batch_statistics_train_and_eval(tiny, apply_train):
     model, variables = tiny
-    images = _images(4)
+    images = random_images(4)
     (_, _), stats = apply_train(model, variables, images)
     moved = jax.tree.map(lambda new, old: np.abs(new - old).max() > 0,
                          stats["batch_stats"], variables["batch_stats"])
@@ -136,7 +129,7 @@ def test_batch_statistics_train_and_eval(tiny, apply_train):
     # Evaluation uses the running averages: an example's output does not depend on the others
     # in its batch (in training it does), and the statistics stay as they were.
     trained = {"params": variables["params"], "batch_stats": stats["batch_stats"]}
-    others = _images(4, seed=1).at[0].set(images[0])
+    others = random_images(4, seed=1).at[0].set(images[0])
     apply_eval = _jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))
     (a, _), unchanged = apply_eval(trained, images)
     (b, _), _ = apply_eval(trained, others)
@@ -150,7 +143,7 @@ def test_batch_statistics_train_and_eval(tiny, apply_train):
 def test_zero_init_residual(tiny):
     model, variables = tiny
     zeroed = ResNet("tiny", stem="cifar", zero_init_residual=True)
-    params = _jit(zeroed.init)(KEY, _images(4))["params"]
+    params = _jit(zeroed.init)(KEY, random_images(4))["params"]
     for s in range(3):
         block, plain = params[f"stage{s}_block0"], variables["params"][f"stage{s}_block0"]
         assert np.all(block["bn2"]["scale"].value == 0) and np.all(plain["bn2"]["scale"].value == 1)
@@ -161,7 +154,7 @@ def test_zero_init_residual(tiny):
 
 def test_forward_is_finite_and_differentiable(tiny):
     model, variables = tiny
-    images = _images(4).astype(jnp.float32) / 127.5 - 1.0
+    images = random_images(4).astype(jnp.float32) / 127.5 - 1.0
 
     @_jit
     def grads(params, images):
@@ -182,7 +175,7 @@ def test_forward_is_finite_and_differentiable(tiny):
 
 def test_remat_matches(tiny, apply_train):
     model, variables = tiny
-    images = _images(4)
+    images = random_images(4)
     (plain, _), plain_stats = apply_train(model, variables, images)
     (rematted, _), remat_stats = apply_train(ResNet("tiny", stem="cifar", remat=True), variables,
                                              images)
