@@ -27,5 +27,10 @@ setup(
         "msgpack>=1.0",
         "absl-py>=2.0",
     ],
-    extras_require={"test": ["pytest>=8", "pycocoevalcap>=1.2"]},  # CIDEr-D reference
+    extras_require={
+        "test": ["pytest>=8", "pycocoevalcap>=1.2"],  # CIDEr-D reference
+        # jax's accelerator wheels (README, "Running on TPU VMs and GPU hosts").
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "cuda12": ["jax[cuda12]>=0.10.2"],
+    },
 )

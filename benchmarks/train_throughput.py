@@ -40,7 +40,7 @@ def measure(config, steps: int) -> dict:
     step_fn = make_train_step(exp.state_factory, shardings)
     def batches():
         return pipeline.TrainBatches(config.data, exp.objective.batch_spec, exp.tokenizer,
-                                     exp.local_batch_size, config.seed, mesh)
+                                     config.batch_size, config.seed, mesh)
 
     data = batches()
     batch = next(data)

@@ -1,5 +1,7 @@
 """The periodic actions of the training loop: after each step, every action that is due runs.
 
+  AgreeOnStop      several processes: at each logging and checkpoint step, whether any of
+                   them received SIGTERM or Ctrl-C (all then save and stop at that step)
   ReportFirstStep  the compilation time, kept out of the throughput and the ETA
   CheckFinite      a NaN or Inf in any step's loss, gradients or parameters stops the run
   LogMetrics       interval means to metrics.jsonl / TensorBoard and a progress line
@@ -21,7 +23,7 @@ import time
 
 import jax
 
-from big_contrast import evaluators as evaluators_lib
+from big_contrast import distributed, evaluators as evaluators_lib
 from big_contrast.train_state import NONFINITE_PARTS, evaluation_weights
 
 # Metrics that describe the logged step itself rather than an average over the interval.
@@ -44,13 +46,29 @@ class Interrupted(RuntimeError):
 class StopSignals:
     """SIGTERM and the first Ctrl-C ask the loop to save and stop at the end of the current
     step; a second Ctrl-C stops at once without saving. Handlers are installed only in the
-    main thread and restored on exit."""
+    main thread and restored on exit.
+
+    ``stop`` is the signal the run acts on: in one process the one received; with several, the
+    one any process received, known to all only after ``agree()`` (AgreeOnStop), so that they
+    all save the same step."""
 
     _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: signal.Signals | None = None
+        self._agreed: signal.Signals | None = None
         self._previous = {}
+
+    @property
+    def stop(self) -> signal.Signals | None:
+        return self.received if jax.process_count() == 1 else self._agreed
+
+    def agree(self) -> None:
+        """Collective: every process learns whether any of them received a signal."""
+        names = [name for name in distributed.allgather_json(
+            self.received.name if self.received else None) if name]
+        if names and self._agreed is None:
+            self._agreed = signal.Signals[names[0]]
 
     def __enter__(self):
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
@@ -70,6 +88,20 @@ class StopSignals:
         print(f"\n{self.received.name} received: saving a checkpoint after this step, then "
               "stopping" + (" (Ctrl-C again to stop without saving)"
                             if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+
+class AgreeOnStop:
+    """In a multi-process run, shares the stop signals at steps where the host syncs anyway
+    (``regular_sync``: logging and scheduled checkpoints), so no extra sync stalls a step."""
+
+    def __init__(self, signals: StopSignals, regular_sync):
+        self.signals, self.regular_sync = signals, regular_sync
+
+    def due(self, step: int) -> bool:
+        return jax.process_count() > 1 and self.regular_sync(step)
+
+    def __call__(self, step: int, state) -> None:
+        self.signals.agree()
 
 
 class StepMetrics:
@@ -117,7 +149,7 @@ class SaveCheckpoint:
 
     def due(self, step: int) -> bool:
         return (step % self.every == 0 or step == self.total_steps
-                or self.signals.received is not None)
+                or self.signals.stop is not None)
 
     def __call__(self, step: int, state) -> None:
         self.checkpointer.save(step, state, self.data)
@@ -233,10 +265,10 @@ class StopOnSignal:
         self.signals, self.checkpointer, self.rerun_hint = signals, checkpointer, rerun_hint
 
     def due(self, step: int) -> bool:
-        return self.signals.received is not None
+        return self.signals.stop is not None
 
     def __call__(self, step: int, state) -> None:
         self.checkpointer.wait()
-        name = self.signals.received.name
-        raise Interrupted(f"interrupted by {name} at step {step}; the checkpoint of step "
-                          f"{step} is saved. {self.rerun_hint}", 128 + int(self.signals.received))
+        stop = self.signals.stop
+        raise Interrupted(f"interrupted by {stop.name} at step {step}; the checkpoint of step "
+                          f"{step} is saved. {self.rerun_hint}", 128 + int(stop))

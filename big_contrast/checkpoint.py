@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state together with the data position and a format record.
 
 Saves are asynchronous (the step loop continues while arrays are written) and atomic: a run
-killed mid-save leaves the previous checkpoint as the latest one. Each process writes its own
-data-position file, so multi-host resumption is exact too. Every checkpoint carries a small
+killed mid-save leaves the previous checkpoint as the latest one. Every process writes its
+shards of the state; the data position of all processes is gathered into one JSON record, so a
+checkpoint restores onto any mesh and any number of processes. Every checkpoint carries a small
 JSON record (format version and the train state's tree of shapes), so a checkpoint that no
 longer matches the code is named as such instead of failing inside orbax.
 """
@@ -11,11 +12,10 @@ from __future__ import annotations
 
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one data-position record for all processes
 _SHOWN = 6  # differing tree paths listed in an error message
 
 # Orbax writes a replicated array in slices, one per replica, each cut by a jit(slice) that
@@ -90,14 +90,15 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, data_iterator=None) -> None:
-        """Starts writing ``state`` (a pytree of jax.Arrays) and the iterator's position; raises
-        CheckpointError if this write or the previous asynchronous one failed."""
+        """Starts writing ``state`` (a pytree of jax.Arrays) and the iterator's position (its
+        get_state(), collective); raises CheckpointError if this write or the previous
+        asynchronous one failed. Every process calls it."""
         self.wait()
         items = {"state": ocp.args.StandardSave(state),
                  "meta": ocp.args.JsonSave({"format_version": FORMAT_VERSION, "step": step,
                                             "state": describe_tree(state)})}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator.snapshot())
+            items["data"] = ocp.args.JsonSave(data_iterator.get_state())
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
@@ -150,8 +151,10 @@ class Checkpointer:
         self.check_compatible(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iterator is not None:
+            data_iterator.set_state(restored["data"])
         return restored["state"]
 
     def restore_fields(self, step: int, abstract_fields: dict) -> dict:

@@ -4,21 +4,27 @@ parsing that names a misspelt --config.<key> with the closest valid key."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from big_contrast import config as config_lib
+from big_contrast import config as config_lib, distributed
 
 FLAGS = flags.FLAGS
 
 
+_launch_flags: dict = {}
+
+
 def define_flags(workdir_help: str):
-    """Defines --config and --workdir; returns the config flag holder."""
+    """Defines --config, --workdir and the multi-process launch flags (distributed.py);
+    returns the config flag holder."""
     holder = config_flags.DEFINE_config_file(
         "config", None, "Recipe file and variant, e.g. configs/clip.py:demo", lock_config=True)
     flags.DEFINE_string("workdir", None, workdir_help)
+    _launch_flags.update(distributed.define_flags())
     return holder
 
 
@@ -53,7 +59,8 @@ def _quiet_library_tracebacks(record: logging.LogRecord) -> bool:
 
 def run(main, workdir_required=lambda: True) -> None:
     """app.run with our flag parser; requires --workdir unless ``workdir_required()`` (called
-    after parsing) says otherwise; quiets INFO logs of orbax/grain."""
+    after parsing) says otherwise; connects the processes of a multi-process run; quiets INFO
+    logs of orbax/grain."""
 
     def checked_main(argv):
         if len(argv) > 1:
@@ -62,6 +69,14 @@ def run(main, workdir_required=lambda: True) -> None:
             sys.exit("error: --workdir is required")
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("absl").addFilter(_quiet_library_tracebacks)
+        launch = {name: holder.value for name, holder in _launch_flags.items()}
+        try:
+            distributed.initialize(launch["coordinator_address"], launch["num_processes"],
+                                   launch["process_id"], force=launch["distributed"])
+        except distributed.DistributedError as e:
+            sys.exit(f"error: {e}")
+        if distributed.process_index() > 0:  # one copy of the progress lines: process 0's
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")
         main()
 
     app.run(checked_main, flags_parser=parse_flags)

@@ -124,7 +124,8 @@ def main():
         except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
             sys.exit(f"error: {e}")
         step = results.pop("step")
-        print(metrics.summary_table(f"Evaluation of {cli.FLAGS.workdir} at step {step}", results))
+        if jax.process_index() == 0:
+            print(metrics.summary_table(f"Evaluation of {cli.FLAGS.workdir} at step {step}", results))
 
     cli.run(run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from big_contrast import config as config_lib, grad_cache, optim, sharding, validation
+from big_contrast import config as config_lib, feeding, grad_cache, optim, sharding, validation
 from big_contrast import workdir as workdir_lib
 from big_contrast.data import sources, tokenizers
 from big_contrast.objectives import build_objective
@@ -59,7 +59,7 @@ class Experiment:
         self.config = config
         try:
             self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-            self.local_batch_size = sharding.batch_size_per_process(config.batch_size, self.mesh)
+            self.batch_feed = feeding.BatchFeed.for_mesh(self.mesh, config.batch_size)
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from None
         self.rules = sharding.rules_from_config(config.sharding_rules)
@@ -78,13 +78,17 @@ class Experiment:
         debug = config.debug
         self.poison = (Poison(debug.poison_step, debug.poison_where, debug.poison_value)
                        if debug.poison_step else None)
-        self.state_factory = StateFactory(
-            self.objective,
-            lambda params: optim.make_optimizer(
-                config.optim, params, self.total_steps, self.warmup_steps,
-                self.objective.param_groups(params), self.objective.frozen_groups()),
-            example_batch(self.objective.batch_spec, config.text.max_len),
-            self.mesh, self.rules, config.seed, config.ema_decay, config.grad_cache.micro_batches)
+        try:
+            self.state_factory = StateFactory(
+                self.objective,
+                lambda params: optim.make_optimizer(
+                    config.optim, params, self.total_steps, self.warmup_steps,
+                    self.objective.param_groups(params), self.objective.frozen_groups()),
+                example_batch(self.objective.batch_spec, config.text.max_len),
+                self.mesh, self.rules, config.seed, config.ema_decay,
+                config.grad_cache.micro_batches)
+        except sharding.IndivisibleError as e:
+            raise config_lib.ConfigError(f"mesh {dict(self.mesh.shape)}: {e}") from None
         if config.grad_cache.micro_batches > 1:
             grad_cache.check_supported(self.objective, self.state_factory.model_state_shardings,
                                        config.batch_size, config.grad_cache.micro_batches,

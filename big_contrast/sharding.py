@@ -12,7 +12,6 @@ import math
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -65,26 +64,27 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_size_per_process(global_batch: int, mesh) -> int:
-    """The slice of the global batch that this process feeds."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % shards:
-        raise ValueError(f"batch_size {global_batch} does not divide over the {shards} batch "
-                         f"shards of the mesh (mesh.data x mesh.fsdp = {shards})")
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch_size {global_batch} does not divide over "
-                         f"{jax.process_count()} processes")
-    return global_batch // jax.process_count()
+class IndivisibleError(ValueError):
+    """A sharded dimension that its mesh axes do not divide."""
+
+
+def check_divisible(shapes, shardings) -> None:
+    """Raises IndivisibleError naming the first array with a dimension its mesh axes do not divide
+    (jax would fail later, deep inside the first jit, with the array unnamed)."""
+    for (path, leaf), shard in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                                   jax.tree.leaves(shardings), strict=True):
+        for dim, axes in zip(leaf.shape, shard.spec):
+            axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+            ways = math.prod(shard.mesh.shape[axis] for axis in axes)
+            if dim % ways:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise IndivisibleError(
+                    f"{name} (shape {tuple(leaf.shape)}) cannot be split {ways} ways over mesh "
+                    f"axes {axes}: its dimension {dim} is not a multiple of {ways}. Choose a "
+                    "mesh that divides it, or map its logical axis to None in sharding_rules")
 
 
 def logical_shardings(boxed_tree, mesh, rules):
     """NamedShardings for a tree whose leaves may be nn.Partitioned (else replicated)."""
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
-
-
-def to_global_batch(local_batch: dict, mesh) -> dict:
-    """Host numpy batch (this process's slice) -> global jax.Arrays split over the batch axes."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}

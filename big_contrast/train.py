@@ -18,7 +18,8 @@ import time
 import jax
 from absl import flags
 
-from big_contrast import actions, checkpoint, cli, config as config_lib, dry_run, evaluators
+from big_contrast import actions, checkpoint, cli, config as config_lib, distributed, dry_run
+from big_contrast import evaluators
 from big_contrast import metrics
 from big_contrast import workdir as workdir_lib
 from big_contrast.data import pipeline
@@ -44,9 +45,10 @@ def _print_summary(title: str, summary: dict) -> None:
         print(metrics.summary_table(title, summary), flush=True)
 
 
-def _summary(step: int, final_loss, data, began: float, eval_results: dict) -> dict:
-    skipped = {f"skipped/{reason}": n for reason, n in sorted(data.skipped.items())}
-    return {"step": step, "final_loss": final_loss, "skipped_records": data.skipped_total,
+def _summary(step: int, final_loss, skipped_counts: dict, began: float,
+             eval_results: dict) -> dict:
+    skipped = {f"skipped/{reason}": n for reason, n in sorted(skipped_counts.items())}
+    return {"step": step, "final_loss": final_loss, "skipped_records": sum(skipped_counts.values()),
             **skipped, "wall_seconds": round(time.perf_counter() - began, 1), **eval_results}
 
 
@@ -78,7 +80,7 @@ def train(config, workdir: str, devices=None) -> dict:
             _print_summary(f"Summary ({workdir}): this run had already finished", stored)
             return stored
         data = pipeline.TrainBatches(config.data, exp.objective.batch_spec, exp.tokenizer,
-                                     exp.local_batch_size, config.seed, exp.mesh)
+                                     config.batch_size, config.seed, exp.mesh)
         try:
             return _run(config, workdir, exp, ckpt, data, evals, start, began)
         finally:
@@ -115,14 +117,19 @@ def _run(config, workdir, exp, ckpt, data, evals, start, began) -> dict:
         with actions.StopSignals() as signals, jax.set_mesh(exp.mesh):
             save = actions.SaveCheckpoint(ckpt, data, config.checkpoint_every, total_steps,
                                           signals)
-            sync_due = lambda step: step % config.log_every == 0 or save.due(step)  # noqa: E731
+            regular_sync = lambda step: (step % config.log_every == 0  # noqa: E731
+                                         or step % config.checkpoint_every == 0
+                                         or step == total_steps)
+            sync_due = lambda step: regular_sync(step) or save.due(step)  # noqa: E731
             log = actions.LogMetrics(step_metrics, sync_due, writer, progress, data)
             evaluate = actions.Evaluate(evals, exp.eval_weights, total_steps, writer, progress)
             stop = actions.StopOnSignal(signals, ckpt, _rerun_hint(workdir))
-            loop_actions = [actions.ReportFirstStep(start + 1, progress),
+            loop_actions = [actions.AgreeOnStop(signals, regular_sync),
+                            actions.ReportFirstStep(start + 1, progress),
                             actions.CheckFinite(step_metrics, sync_due, ckpt),
                             log, save, stop, evaluate]
-            missing = evaluate.missing(start, _records_at(workdir, start)) if start else set()
+            missing = set(distributed.from_process_zero(sorted(
+                evaluate.missing(start, _records_at(workdir, start)) if start else [])))
             if missing:  # killed after this checkpoint, before its evaluations
                 print(f"Running the evaluations of step {start} that did not finish: "
                       f"{', '.join(sorted(missing))}", flush=True)
@@ -138,7 +145,7 @@ def _run(config, workdir, exp, ckpt, data, evals, start, began) -> dict:
     finally:
         writer.close()
     final = _records_at(workdir, total_steps)
-    summary = _summary(total_steps, final.get("loss"), data, began,
+    summary = _summary(total_steps, final.get("loss"), data.skipped_everywhere(), began,
                        {k: v for k, v in final.items() if evaluate.is_result(k)})
     if jax.process_index() == 0:
         workdir_lib.write_json(workdir, workdir_lib.SUMMARY_FILE, summary)

@@ -89,6 +89,7 @@ class StateFactory:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             boxed = jax.eval_shape(self._init_variables, jax.random.PRNGKey(seed))
             var_shardings = sharding.logical_shardings(boxed, mesh, rules)
+        sharding.check_divisible(nn.unbox(boxed), var_shardings)
         params_abstract, _ = split_variables(nn.unbox(boxed))
         self.param_shardings, self.model_state_shardings = split_variables(var_shardings)
         self.tx, self.schedule = make_tx(params_abstract)

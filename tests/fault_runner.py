@@ -7,6 +7,8 @@ Hooks:
                      before committing it (the test kills the process there)
   fail_commit:STEP   the commit of checkpoint STEP fails with an OSError (a full disk)
   die_in_eval        the process kills itself (SIGKILL) when the first evaluation starts
+  dump_state:STEP:F  after saving checkpoint STEP, every process gathers the whole train state
+                     and process 0 writes its leaves to the .npz file F (multi-process tests)
 """
 
 import os
@@ -50,6 +52,25 @@ def _die_in_eval() -> None:
     actions.Evaluate.__call__ = die
 
 
+def _dump_state(step: int, path: str) -> None:
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from big_contrast import checkpoint
+
+    real = checkpoint.Checkpointer.save
+
+    def save(self, at, state, data_iterator=None):
+        real(self, at, state, data_iterator)
+        if at == step:
+            whole = multihost_utils.process_allgather(state, tiled=True)
+            if jax.process_index() == 0:
+                np.savez(path, *[np.asarray(x) for x in jax.tree.leaves(whole)])
+
+    checkpoint.Checkpointer.save = save
+
+
 def main():
     hook, separator, *flags = sys.argv[1:]
     assert separator == "--", "usage: fault_runner HOOK -- FLAGS"
@@ -60,6 +81,9 @@ def main():
         _patch_commit(int(arg), _fail)
     elif name == "die_in_eval":
         _die_in_eval()
+    elif name == "dump_state":
+        at, _, path = arg.partition(":")
+        _dump_state(int(at), path)
     else:
         raise SystemExit(f"unknown hook {hook!r}")
     from big_contrast import train

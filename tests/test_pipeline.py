@@ -11,6 +11,7 @@ import pytest
 
 from big_contrast import sharding
 from big_contrast.data import pipeline, sources, synthetic, tokenizers, transforms
+from big_contrast.data.position import StreamPosition, rebase, share_index
 from big_contrast.data.spec import BatchSpec, ImageView
 from tests.helpers import REPO, tiny_clip_config, write_png_manifest
 
@@ -139,3 +140,32 @@ def test_array_record_tool_packs_a_source_that_reads_back_identically(tmp_path):
         np.testing.assert_array_equal(transforms.decode_image(record), original["image"])
         assert record["caption"] == original["caption"]
         assert record["shape"] == original["shape"] and record["colour"] == original["colour"]
+
+
+def _read_shares(position, layout, consumed, batch_size):
+    """The stream places each process of ``layout`` consumed: the first consumed[p] of its share."""
+    return [[position.place(share_index(np.asarray(rows), batch_size, j)) for j in range(k)]
+            for rows, k in zip(layout, consumed)]
+
+
+def test_a_position_rebased_onto_another_layout_repeats_and_leaves_out_no_record():
+    batch = 8
+    two = [tuple(range(0, 4)), tuple(range(4, 8))]  # 2 processes, 4 rows each
+    four = [(0, 1), (2, 3), (4, 5), (6, 7)]
+    # 5 steps on two processes, process 1 skipped 3 corrupt records (it reads 3 places ahead);
+    # then 6 steps on four processes, process 0 skipped 1; then 2 steps on two again.
+    stages = [(two, [5 * 4, 5 * 4 + 3]), (four, [6 * 2 + 1, 12, 12, 12]), (two, [8, 8])]
+    position, places = StreamPosition(), []
+    for layout, consumed in stages:
+        places += [p for share in _read_shares(position, layout, consumed, batch) for p in share]
+        position = rebase(position, layout, consumed, batch)
+    assert len(places) == len(set(places))  # no record read twice
+    assert set(places) == set(range(len(places)))  # and none left out
+    assert position.place(0) == len(places)
+
+
+def test_without_skipped_records_a_rebased_position_is_the_uninterrupted_order():
+    batch, two, one = 8, [tuple(range(4)), tuple(range(4, 8))], [tuple(range(8))]
+    after = rebase(StreamPosition(), two, [3 * 4, 3 * 4], batch)
+    assert after == StreamPosition((), 3 * batch)
+    assert rebase(after, one, [2 * 8], batch) == StreamPosition((), 5 * batch)

@@ -21,7 +21,7 @@ def _abstract_state(recipe, examples_per_epoch=None, **overrides):
 
 def test_clip_b32_recipe_shape_checks_with_clip_parameter_count():
     config, exp, state = _abstract_state("clip.py:B/32")
-    assert config.batch_size == 32_768 and exp.local_batch_size == 32_768
+    assert config.batch_size == 32_768 and exp.batch_feed.local_size == 32_768
     # OpenAI's ViT-B/32 CLIP has 151,277,313 parameters; ours adds the patch-embedding bias
     # (768) that OpenAI's conv1 lacks.
     assert parameter_count(state.params) == 151_277_313 + 768

@@ -31,7 +31,7 @@ def _host_batches(config, n: int) -> list[dict]:
     """The first n global batches of the config's training stream, as numpy arrays."""
     exp = Experiment(config, jax.devices()[:1])
     data = pipeline.TrainBatches(config.data, exp.objective.batch_spec, exp.tokenizer,
-                                 exp.local_batch_size, config.seed, exp.mesh)
+                                 config.batch_size, config.seed, exp.mesh)
     try:
         return [jax.tree.map(np.asarray, next(data)) for _ in range(n)]
     finally:

@@ -2,39 +2,41 @@
 
   source -> seeded global shuffle (reshuffled each epoch) -> repeat
      (or several such sources mixed by weight and shuffled in windows: mixture.py)
-  -> decode + augment + tokenize (random_map seeded by the example's position in the global
-     stream, before any slicing) -> this process's slice -> from the saved position on
+  -> decode + augment + tokenize (random_map seeded by the example's place in the global
+     stream, before any slicing) -> this process's share: the places of the rows its devices
+     hold (feeding.py, position.py) -> from the saved position on
   -> worker processes (mp_prefetch, optional)
-  -> background thread: skip and count corrupt records, batch, make_array_from_process_local_data
+  -> background thread: skip and count corrupt records, batch, make_array_from_callback
 
-A checkpoint stores the position: how many examples this process has read from its slice (kept
-or skipped) and the skip counts by reason. A resumed run rebuilds the graph from that position,
+A checkpoint stores the position of every process: how many places of its share it has read
+(kept or skipped) and its skip counts by reason. A resumed run rebuilds the graph from there,
 so it sees exactly the batches an uninterrupted run would have seen, whatever the number of
-worker processes. Workers only decode; batches are assembled in order in the main process.
+worker processes; on another process layout the position is re-based (position.py). Workers
+only decode; batches are assembled in order in the main process.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import queue
 import signal
+import sys
 import threading
 
 import grain
-import jax
 import numpy as np
 from absl import flags as absl_flags
 
-from big_contrast import sharding
+from big_contrast import distributed, feeding
 from big_contrast.config import ConfigError
 from big_contrast.data import mixture, transforms
+from big_contrast.data.position import StreamPosition, rebase, share_index
 from big_contrast.data.spec import BatchSpec
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 _WARN_FIRST = 10  # corrupt records named one by one in the log; later ones are only counted
 _MIN_RECORDS_FOR_LIMIT = 1000
 
@@ -43,14 +45,39 @@ class CorruptDataError(RuntimeError):
     """Too large a fraction of the records read was corrupt to keep training on the rest."""
 
 
+class _Share(grain.MapDataset):
+    """One process's share of the rest of the global stream (position.py): element j is the
+    stream place of row rows[j % len(rows)] of global batch j // len(rows)."""
+
+    def __init__(self, parent: grain.MapDataset, rows, batch_size: int,
+                 position: StreamPosition):
+        super().__init__(parent)
+        self._rows = np.asarray(rows, np.int64)
+        self._batch_size = batch_size
+        self._position = position
+
+    def __len__(self) -> int:
+        return sys.maxsize  # the stream repeats
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._position.place(share_index(self._rows, self._batch_size, index))]
+
+    def __str__(self) -> str:
+        return f"_Share(rows={len(self._rows)} of {self._batch_size})"
+
+
 def example_stream(source, data_config, spec: BatchSpec, tokenizer, seed: int,
-                   start: int = 0) -> grain.IterDataset:
-    """This process's preprocessed examples (corrupt records as markers), from ``start`` on.
-    ``source``: a source or a mixture.Mixture."""
+                   start: int = 0, share: tuple | None = None) -> grain.IterDataset:
+    """Preprocessed examples (corrupt records as markers) from ``start`` on: of the whole
+    global stream, or with ``share`` = (rows, batch_size, StreamPosition) of one process's
+    share. ``source``: a source or a mixture.Mixture."""
     ds = mixture.records(source, seed, data_config.shuffle)
     ds = ds.random_map(transforms.TrainPreprocess(spec, tokenizer, data_config.max_image_pixels))
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    ds = ds[shard.shard_index::shard.shard_count][start:]
+    if share is not None:
+        ds = _Share(ds, *share)
+    ds = ds[start:]
     read = grain.ReadOptions(num_threads=data_config.read_threads,
                              prefetch_buffer_size=max(data_config.read_threads * 8, 16))
     stream = ds.to_iter_dataset(read)
@@ -73,28 +100,18 @@ def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class IteratorState:
-    """A frozen snapshot of the data position, savable by grain's orbax handler."""
-
-    def __init__(self, state: bytes):
-        self._state = state
-
-    def get_state(self) -> bytes:
-        return self._state
-
-
 class TrainBatches:
-    """This process's share of each global training batch, prefetched on a background thread.
+    """This process's rows of each global training batch, prefetched on a background thread.
 
-    ``next()`` returns a dict of global jax.Arrays. ``read`` (examples read, kept or skipped)
-    and ``skipped`` (counts by reason) describe the stream up to the last batch ``next()``
-    returned, not whatever the thread has prefetched; ``get_state``/``set_state`` save and
-    restore them (``set_state`` must come before the first ``next()``; grain's
-    CheckpointRestore calls it). A corrupt fraction above ``data.max_corrupt_fraction`` stops
-    the stream with CorruptDataError.
+    ``next()`` returns a dict of global jax.Arrays. ``read`` (places of this process's share
+    read, kept or skipped) and ``skipped`` (counts by reason) describe the stream up to the
+    last batch ``next()`` returned, not whatever the thread has prefetched. ``get_state`` /
+    ``set_state`` save and restore the position of every process (both are collective in a
+    multi-process run; ``set_state`` must come before the first ``next()``). A corrupt
+    fraction above ``data.max_corrupt_fraction`` stops the stream with CorruptDataError.
     """
 
-    def __init__(self, data_config, spec: BatchSpec, tokenizer, local_batch_size: int, seed: int,
+    def __init__(self, data_config, spec: BatchSpec, tokenizer, batch_size: int, seed: int,
                  mesh):
         try:
             self._source = mixture.build_train_source(data_config, captions=spec.text,
@@ -103,12 +120,15 @@ class TrainBatches:
             raise ConfigError(f"data (training split {data_config.train_split!r}): {e}") from None
         self._config = data_config
         self._spec, self._tokenizer, self._seed = spec, tokenizer, seed
-        self._batch_size = local_batch_size
-        self._mesh = mesh
+        try:
+            self._feed = feeding.BatchFeed.for_mesh(mesh, batch_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self._max_fraction = data_config.max_corrupt_fraction
         size = mixture.num_examples(self._source)
-        per_process = None if size is None else -(-size // jax.process_count())
-        self._min_records = min(_MIN_RECORDS_FOR_LIMIT, per_process or _MIN_RECORDS_FOR_LIMIT)
+        share = None if size is None else -(-size * self._feed.local_size // batch_size)
+        self._min_records = min(_MIN_RECORDS_FOR_LIMIT, share or _MIN_RECORDS_FOR_LIMIT)
+        self._position = StreamPosition()
         self.read = 0
         self.skipped: dict[str, int] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=max(data_config.prefetch, 1))
@@ -120,23 +140,49 @@ class TrainBatches:
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
+    def skipped_everywhere(self) -> dict[str, int]:
+        """Skip counts by reason summed over all processes (collective)."""
+        total: collections.Counter = collections.Counter()
+        for counts in distributed.allgather_json(self.skipped):
+            total.update(counts)
+        return dict(total)
+
     # ------------------------------------------------------------------ position (checkpoints)
 
-    def get_state(self) -> bytes:
-        return json.dumps({"format": STATE_FORMAT, "read": self.read,
-                           "skipped": self.skipped}).encode()
+    def get_state(self) -> dict:
+        """The position of every process, as JSON (collective in a multi-process run)."""
+        mine = {"read": self.read, "skipped": self.skipped}
+        return {"format": STATE_FORMAT, "batch_size": self._feed.batch_size,
+                "layout": [list(rows) for rows in self._feed.layout],
+                "position": self._position.to_json(),
+                "processes": distributed.allgather_json(mine)}
 
-    def snapshot(self) -> IteratorState:
-        return IteratorState(self.get_state())
-
-    def set_state(self, state: bytes) -> None:
+    def set_state(self, state: dict) -> None:
+        """Continues from ``state`` (get_state's): exactly on the same process layout, else
+        from the re-based stream (position.py) with the skip counts kept in process 0's."""
         if self._thread is not None:
             raise RuntimeError("set_state after prefetching started would lose batches")
-        decoded = json.loads(state)
-        if not isinstance(decoded, dict) or decoded.get("format") != STATE_FORMAT:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"data position in an unknown format (expected format "
-                             f"{STATE_FORMAT}): {str(decoded)[:200]}")
-        self.read, self.skipped = int(decoded["read"]), dict(decoded["skipped"])
+                             f"{STATE_FORMAT}): {str(state)[:200]}")
+        position = StreamPosition.from_json(state["position"])
+        layout = [tuple(rows) for rows in state["layout"]]
+        processes = state["processes"]
+        if state["batch_size"] == self._feed.batch_size and layout == list(self._feed.layout):
+            mine = processes[distributed.process_index()]
+            self._position, self.read, self.skipped = position, int(mine["read"]), dict(mine["skipped"])
+            return
+        self._position = rebase(position, layout, [int(p["read"]) for p in processes],
+                                int(state["batch_size"]))
+        self.read, self.skipped = 0, {}
+        if distributed.process_index() == 0:
+            total: collections.Counter = collections.Counter()
+            for counts in processes:
+                total.update(counts["skipped"])
+            self.skipped = dict(total)
+        log.warning("the data position was saved on another process layout (%d process(es)); "
+                    "the stream continues re-based: no record is repeated or left out",
+                    len(layout))
 
     # ------------------------------------------------------------------ the prefetch thread
 
@@ -158,12 +204,14 @@ class TrainBatches:
 
     def _produce(self):
         try:
+            share = (self._feed.rows, self._feed.batch_size, self._position)
             self._stream = stream = iter(example_stream(self._source, self._config, self._spec,
-                                                        self._tokenizer, self._seed, self.read))
+                                                        self._tokenizer, self._seed, self.read,
+                                                        share))
             read, skipped, warned = self.read, collections.Counter(self.skipped), 0
             while not self._stop.is_set():
                 examples = []
-                while len(examples) < self._batch_size:
+                while len(examples) < self._feed.local_size:
                     element = next(stream)
                     read += 1
                     if transforms.CORRUPT_KEY in element:
@@ -180,7 +228,7 @@ class TrainBatches:
                     examples.append(element)
                 self._check_fraction(read, skipped)
                 host_batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-                batch = sharding.to_global_batch(host_batch, self._mesh)
+                batch = self._feed.to_global(host_batch)
                 self._put((batch, read, dict(skipped)))
         except BaseException as e:  # hand errors (and StopIteration) to the consumer
             self._put(e)

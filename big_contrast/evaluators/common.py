@@ -11,7 +11,7 @@ import grain
 import jax
 import numpy as np
 
-from big_contrast import sharding
+from big_contrast import feeding, sharding
 from big_contrast.config import ConfigError, closest_suggestion
 from big_contrast.data import sources, transforms
 
@@ -104,7 +104,7 @@ class Embedder:
         self.initial_weights = initial_weights
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // shards) * shards  # round up to divide the mesh
-        self.mesh = mesh
+        self.feed = feeding.BatchFeed.for_mesh(mesh, self.batch_size)
         self.objective = objective
         self.replicated = sharding.replicated(mesh)
         self._images = jax.jit(objective.embed_images, out_shardings=self.replicated)
@@ -115,15 +115,13 @@ class Embedder:
         """fn(params, model_state, batch, *shared) over fixed-size, mesh-sharded batches of
         ``inputs``; ``shared`` arrays go to every batch whole. Returns the outputs as numpy."""
         n = len(inputs)
-        per_process = self.batch_size // jax.process_count()
         outputs = []
         for start in range(0, n, self.batch_size):
             chunk = inputs[start:start + self.batch_size]
             pad = self.batch_size - len(chunk)
             if pad:  # fixed shapes: pad the last chunk, drop the padding afterwards
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            local = chunk[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-            batch = sharding.to_global_batch({"x": local}, self.mesh)["x"]
+            batch = self.feed.to_global({"x": self.feed.local_rows(chunk)})["x"]
             # Replicated output: every process can read the whole batch's embeddings.
             outputs.append(np.asarray(fn(params, model_state, batch, *shared))[: self.batch_size - pad])
         return np.concatenate(outputs)
