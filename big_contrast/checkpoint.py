@@ -10,6 +10,7 @@ longer matches the code is named as such instead of failing inside orbax.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -24,9 +25,15 @@ _SHOWN = 6  # differing tree paths listed in an error message
 # split, the rest written whole by one replica). Big replicated arrays still write in
 # parallel.
 _REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+_absl_logger = logging.getLogger("absl")
+_level = _absl_logger.level
+_absl_logger.setLevel(logging.ERROR)  # orbax logs a warning about the override itself
+try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+finally:
+    _absl_logger.setLevel(_level)
 
 
 class CheckpointError(RuntimeError):
