@@ -204,7 +204,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     c.sharding_rules = [
         ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "model"], ["heads", "model"],
-        ["vocab", "model"], ["kv", None], ["length", None],
+        ["vocab", "model"], ["kv", None], ["length", None], ["layers", None],
     ]
 
     c.optim = ml_collections.ConfigDict()
@@ -260,10 +260,12 @@ def base_config() -> ml_collections.ConfigDict:
                                               "max_anchor_weight": 0.5}})
 
     c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # what the towers compute in: float32 | bfloat16 (losses: float32)
+    c.model.param_dtype = "float32"  # dtype of the parameters (and so of the optimizer state)
     c.model.image = ml_collections.ConfigDict(
         {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "norm": "batch",
          "bn_momentum": placeholder(float), "drop_connect": 0.2, "max_stride": placeholder(int),
-         "remat": False})
+         "remat": False, "remat_policy": "nothing_saveable", "scan": False})
     # type: vit | convnet | efficientnet | resnet. variant: resnet 18 | 34 | 50 | 101 | 152, or
     # tiny | small for 32x32 images (models/resnet.py). pool: vit cls | gap; convnet,
     # efficientnet and resnet gap | max | gap_max. stem: vit patch | conv; convnet none |
@@ -271,8 +273,16 @@ def base_config() -> ml_collections.ConfigDict:
     # imagenet (7x7 conv + max-pool) | cifar (3x3 conv, no pool).
     # norm: convnet only. bn_momentum: running-statistics decay (None: the tower's default).
     # drop_connect, max_stride: efficientnet's stochastic-depth rate and cap on the total stride.
+    # remat: recompute each block's activations in the backward pass (vit, efficientnet, resnet).
+    # remat_policy: what remat may keep: nothing_saveable | dots_saveable |
+    # dots_with_no_batch_dims_saveable (jax.checkpoint_policies).
+    # scan: one nn.scan over the identical blocks (vit: all; efficientnet, resnet: each stage's
+    # after the first), parameters stacked on a 'layers' axis: compiles in a fraction of the time.
     c.model.text = ml_collections.ConfigDict(
-        {"variant": "M", "causal": True, "pool": "eos", "remat": False})
+        {"variant": "M", "causal": True, "pool": "eos", "remat": False,
+         "remat_policy": "nothing_saveable", "scan": False})
+    # model.text.remat, remat_policy and scan: as model.image's, for the text encoder's blocks
+    # (coca: the decoder's).
     # The text decoder of captioning objectives (coca): model.text.variant sets its width;
     # depths per half (None: the variant's depth), the image tokens it attends to, and the
     # attention heads of the two poolers that make them (None: the variant's).

@@ -6,8 +6,8 @@ from __future__ import annotations
 from big_contrast import evaluators, optim
 from big_contrast.config import ConfigError, closest_suggestion
 from big_contrast.data import mixture, sources, synthetic, tokenizers
-from big_contrast.models import (convnet, efficientnet, heads, image_layers, resnet, transformer,
-                                 two_tower)
+from big_contrast.models import (convnet, efficientnet, heads, image_layers, precision, resnet,
+                                 stacks, transformer, two_tower)
 from big_contrast.objectives import OBJECTIVES
 
 EVAL_WEIGHTS = ("both", "online", "ema")
@@ -66,6 +66,22 @@ def _image_tower(cfg) -> None:
         raise  # already names its key (a ConfigError is a ValueError)
     except ValueError as e:
         raise ConfigError(f"model.image.variant {cfg.variant!r}: {e}") from None
+
+
+def _layer_stack(key: str, cfg) -> None:
+    """model.image's or model.text's remat_policy and scan (each checked where it applies)."""
+    _choice(f"{key}.remat_policy", cfg.remat_policy, list(stacks.REMAT_POLICIES))
+    if cfg.remat_policy != "nothing_saveable" and not cfg.remat:
+        raise ConfigError(f"{key}.remat_policy is {cfg.remat_policy!r} but {key}.remat is "
+                          f"False: set {key}.remat=True for the policy to apply")
+    if cfg.scan and cfg.get("type") == "convnet":
+        raise ConfigError(f"{key}.scan is for vit, efficientnet and resnet towers; a convnet "
+                          "has no stack of identical blocks (set it to False)")
+
+
+def _precision(model) -> None:
+    for key in ("dtype", "param_dtype"):
+        _choice(f"model.{key}", model[key], list(precision.DTYPES))
 
 
 TEXT_EVALUATORS = ("zero_shot", "retrieval", "captioning")
@@ -171,6 +187,9 @@ def validate(config) -> None:
     """Raises ConfigError for the first config value the trainer cannot use."""
     _choice("objective", config.objective, sorted(OBJECTIVES))
     _image_tower(config.model.image)
+    _layer_stack("model.image", config.model.image)
+    _layer_stack("model.text", config.model.text)
+    _precision(config.model)
     text_size = config.model.text.variant
     _choice("model.text.variant", text_size, list(transformer.SIZES))
     _choice("model.text.pool", config.model.text.pool, ("eos", "first", "mean"))

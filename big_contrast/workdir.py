@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from big_contrast.config import ConfigError
+from big_contrast.config import ConfigError, base_config
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -73,8 +73,11 @@ def _matches(key: str, patterns) -> bool:
 
 
 def differences(recorded: dict, config) -> dict:
-    """{dotted key: (recorded value, new value)} for every key that differs."""
-    old, new = flatten(recorded), flatten(json.loads(config.to_json()))
+    """{dotted key: (recorded value, new value)} for every key that differs. A key that the
+    recorded run predates counts as recorded with its default (which was the behaviour before
+    the key existed), so adding a key never strands an older workdir."""
+    defaults = flatten(json.loads(base_config().to_json()))
+    old, new = {**defaults, **flatten(recorded)}, flatten(json.loads(config.to_json()))
     same = lambda k: json.dumps(old.get(k, "<absent>")) == json.dumps(new.get(k, "<absent>"))  # noqa: E731 (NaN == NaN)
     return {k: (old.get(k, "<absent>"), new.get(k, "<absent>"))
             for k in sorted(set(old) | set(new)) if not same(k)}

@@ -7,10 +7,12 @@ network the absolute position that captions mention ("on the left", "at the top"
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from big_contrast.models import transformer
+from big_contrast.models import precision, transformer
 from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range, pool_tokens
 
 
@@ -49,7 +51,8 @@ class ConvNet(nn.Module):
       bn_momentum: decay of the running batch statistics used at evaluation.
       pool: how the last feature map becomes one vector: 'gap', 'max' or 'gap_max'
         (image_layers.pool_tokens).
-    Returns (pooled [B, C_last] (2 C_last for 'gap_max'), tokens [B, H'W', C_last]).
+      dtype, param_dtype: compute and parameter dtypes (models/precision.py).
+    Returns (pooled [B, C_last] (2 C_last for 'gap_max'), tokens [B, H'W', C_last]) in dtype.
     """
 
     variant: str = "16,32,64"
@@ -58,6 +61,8 @@ class ConvNet(nn.Module):
     coord_channels: bool = True
     pool: str = "gap"
     bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -75,6 +80,7 @@ class ConvNet(nn.Module):
             x = x.reshape(batch, height // 2, width // 2, -1)
         elif self.stem != "none":
             raise ValueError(f"ConvNet stem must be 'none' or 'space_to_depth', got {self.stem!r}")
+        x = x.astype(self.dtype)
         for stage, (features, convs) in enumerate(stages):
             if stage:
                 x = _max_pool_2x2(x)
@@ -84,9 +90,10 @@ class ConvNet(nn.Module):
                             use_bias=self.norm == "none",
                             kernel_init=nn.with_logical_partitioning(
                                 nn.initializers.he_normal(), (None, None, None, None)),
-                            bias_init=transformer.zeros_init((None,)))(x)
+                            bias_init=transformer.zeros_init((None,)), **precision.of(self))(x)
                 if self.norm == "batch":
-                    x = batch_norm(train, momentum=self.bn_momentum, epsilon=1e-5, name=f"{name}_bn")(x)
+                    x = batch_norm(train, momentum=self.bn_momentum, epsilon=1e-5,
+                                   name=f"{name}_bn", **precision.of(self))(x)
                 x = nn.relu(x)
         tokens = x.reshape(batch, -1, x.shape[-1])
         return pool_tokens(tokens, self.pool), tokens

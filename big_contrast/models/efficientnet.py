@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from big_contrast.models import precision, stacks
 from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range, pool_tokens
 
 
@@ -86,11 +88,12 @@ _DEPTHWISE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 _CONV_NAMES = (None, None, None, None)  # channel counts like 24 or 40 divide no mesh axis
 
 
-def _conv(features, kernel, name, strides=1, use_bias=False):
+def _conv(features, kernel, name, strides=1, use_bias=False, **dtypes):
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
                    use_bias=use_bias, name=name,
                    kernel_init=nn.with_logical_partitioning(_CONV_INIT, _CONV_NAMES),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+                   **dtypes)
 
 
 def depthwise_conv_shifted(x, kernel, stride: int):
@@ -119,12 +122,15 @@ class DepthwiseConv(nn.Module):
 
     kernel_size: int
     strides: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
         kernel = self.param("kernel", nn.with_logical_partitioning(_DEPTHWISE_INIT, _CONV_NAMES),
-                            (self.kernel_size, self.kernel_size, 1, channels)).astype(x.dtype)
+                            (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if jax.default_backend() == "cpu":
             return depthwise_conv_shifted(x, kernel, self.strides)
         return jax.lax.conv_general_dilated(
@@ -132,46 +138,71 @@ class DepthwiseConv(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
+class DropConnect(nn.Module):
+    """Per-example stochastic depth: each example's branch is zeroed with probability ``rate``
+    and otherwise scaled by 1 / (1 - rate); the random numbers of nn.Dropout(rate,
+    broadcast_dims=(1, 2, 3)) of the same name, but ``rate`` may be traced (scanned blocks
+    each have their own). None: no drop-connect (and no 'dropout' rng needed)."""
+
+    @nn.compact
+    def __call__(self, x, rate, deterministic: bool):
+        if deterministic or rate is None or (isinstance(rate, (int, float)) and rate == 0):
+            return x
+        keep_prob = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob,
+                                    shape=(x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jnp.broadcast_to(mask, x.shape)
+        return jax.lax.select(mask, (x / keep_prob).astype(x.dtype), jnp.zeros_like(x))
+
+
 class MBConv(nn.Module):
     """Inverted-residual block: expand 1x1 -> depthwise -> squeeze-excite -> project 1x1.
 
-    The residual (with per-example drop-connect at drop_rate) applies when the block keeps
-    both the resolution and the channel count.
+    The residual (with per-example drop-connect at ``drop_rate``, a call argument so that
+    scanned blocks can each have their own; None: none) applies when the block keeps both the
+    resolution and the channel count.
     """
 
     expand_ratio: int
     features: int
     stride: int
     kernel: int
-    drop_rate: float
     bn_momentum: float
     bn_epsilon: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs, train: bool = False):
-        bn = functools.partial(batch_norm, train, self.bn_momentum, self.bn_epsilon)
+    def __call__(self, inputs, train: bool = False, drop_rate=None):
+        dtypes = precision.of(self)
+        bn = functools.partial(batch_norm, train, self.bn_momentum, self.bn_epsilon, **dtypes)
+        conv = functools.partial(_conv, **dtypes)
         in_features = inputs.shape[-1]
         hidden = in_features * self.expand_ratio
         x = inputs
         if self.expand_ratio != 1:
-            x = _conv(hidden, 1, "expand_conv")(x)
+            x = conv(hidden, 1, "expand_conv")(x)
             x = nn.swish(bn("expand_bn")(x))
-        x = DepthwiseConv(self.kernel, self.stride, name="depthwise_conv")(x)
+        x = DepthwiseConv(self.kernel, self.stride, name="depthwise_conv", **dtypes)(x)
         x = nn.swish(bn("depthwise_bn")(x))
 
         squeezed = max(1, int(in_features * SE_RATIO))
         se = jnp.mean(x, axis=(1, 2), keepdims=True)
-        se = nn.swish(_conv(squeezed, 1, "se_reduce", use_bias=True)(se))
-        se = _conv(hidden, 1, "se_expand", use_bias=True)(se)
+        se = nn.swish(conv(squeezed, 1, "se_reduce", use_bias=True)(se))
+        se = conv(hidden, 1, "se_expand", use_bias=True)(se)
         x = x * nn.sigmoid(se)
 
-        x = _conv(self.features, 1, "project_conv")(x)
+        x = conv(self.features, 1, "project_conv")(x)
         x = bn("project_bn")(x)
         if self.stride == 1 and in_features == self.features:
-            x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
-                           name="drop_connect")(x)
+            x = DropConnect(name="drop_connect")(x, drop_rate, deterministic=not train)
             x = x + inputs
         return x
+
+
+def _mbconv_body(block, x, train, drop_rate):
+    """One scanned MBConv: the carry is the activation, the drop rate is per block."""
+    return block(x, train, drop_rate), None
 
 
 class EfficientNet(nn.Module):
@@ -183,7 +214,12 @@ class EfficientNet(nn.Module):
         probability drop_connect_rate * i / n, drawn from the 'dropout' rng when train=True.
       bn_momentum, bn_epsilon: BatchNorm settings (running statistics live in 'batch_stats',
         so train=True needs mutable=['batch_stats']).
-      remat: rematerialise each MBConv block in the backward pass (saves activation memory).
+      remat: rematerialise each MBConv block in the backward pass (saves activation memory),
+        keeping what remat_policy allows (stacks.REMAT_POLICIES).
+      scan: run the blocks after each stage's first (identical: stride 1, same channels, each
+        with its own drop rate) as one nn.scan named 'stage{s}_blocks', their variables
+        stacked on a leading axis, instead of 'stage{s}_block1', 'stage{s}_block2', ...
+      dtype, param_dtype: compute and parameter dtypes (models/precision.py).
       stem_stride: 2 as in the paper; 1 keeps the full resolution for small images (32 px
         inputs would otherwise shrink to a 1 x 1 map).
       pool: 'gap' (the paper), 'max' or 'gap_max' (image_layers.pool_tokens).
@@ -191,7 +227,8 @@ class EfficientNet(nn.Module):
         pass it keeps the resolution instead. None: the paper's 32, which leaves a 32 px image
         a 1 x 1 map where shapes are lost; 8 keeps a 4 x 4 map.
     Takes images [B, H, W, 3] (uint8, or floats already in [-1, 1]); returns
-    (pooled [B, C_head], tokens [B, H' * W', C_head]); tokens feed captioning decoders.
+    (pooled [B, C_head], tokens [B, H' * W', C_head]) in dtype; tokens feed captioning
+    decoders.
     """
 
     variant: str = "B0"
@@ -199,19 +236,23 @@ class EfficientNet(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan: bool = False
     stem_stride: int = 2
     pool: str = "gap"
     max_stride: int | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         coeffs = scaling(self.variant)
-        bn = functools.partial(batch_norm, train, self.bn_momentum, self.bn_epsilon)
-        # static_argnums counts self: MBConv.__call__(self, inputs, train), train a Python bool.
-        block_cls = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
+        dtypes = precision.of(self)
+        bn = functools.partial(batch_norm, train, self.bn_momentum, self.bn_epsilon, **dtypes)
 
-        x = pixels_to_unit_range(images)
-        x = _conv(round_filters(STEM_CHANNELS, coeffs.width), 3, "stem_conv", strides=self.stem_stride)(x)
+        x = pixels_to_unit_range(images).astype(self.dtype)
+        x = _conv(round_filters(STEM_CHANNELS, coeffs.width), 3, "stem_conv", strides=self.stem_stride,
+                  **dtypes)(x)
         x = nn.swish(bn("stem_bn")(x))
 
         stages = [(expand, round_filters(channels, coeffs.width),
@@ -223,15 +264,35 @@ class EfficientNet(nn.Module):
             if self.max_stride is not None and total_stride * stride > self.max_stride:
                 stride = 1
             total_stride *= stride
-            for r in range(repeats):
-                x = block_cls(expand, channels, stride if r == 0 else 1, kernel,
-                              drop_rate=self.drop_connect_rate * index / num_blocks,
-                              bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                              name=f"stage{s}_block{r}")(x, train)
-                index += 1
+            rates = [self.drop_connect_rate * (index + r) / num_blocks for r in range(repeats)]
+            index += repeats
+            block = self._block()
+            x = block(expand, channels, stride, kernel, name=f"stage{s}_block0")(x, train, rates[0])
+            if self.scan and repeats > 1:
+                rest = self._block(scanned=True)(expand, channels, 1, kernel,
+                                                 name=f"stage{s}_blocks")
+                scanned = stacks.scan_layers(_mbconv_body, repeats - 1, in_axes=(nn.broadcast, 0),
+                                             collections=("params", "batch_stats"))
+                # (None: no drop-connect, so training needs no 'dropout' rng)
+                rest_rates = jnp.asarray(rates[1:], jnp.float32) if self.drop_connect_rate else None
+                x, _ = scanned(rest, x, train, rest_rates)
+                continue
+            for r in range(1, repeats):
+                x = block(expand, channels, 1, kernel, name=f"stage{s}_block{r}")(
+                    x, train, rates[r])
 
-        x = _conv(round_filters(HEAD_CHANNELS, coeffs.width), 1, "head_conv")(x)
+        x = _conv(round_filters(HEAD_CHANNELS, coeffs.width), 1, "head_conv", **dtypes)(x)
         x = nn.swish(bn("head_bn")(x))
         batch, _, _, channels = x.shape
         tokens = x.reshape(batch, -1, channels)
         return pool_tokens(tokens, self.pool), tokens
+
+    def _block(self, scanned: bool = False):
+        """An MBConv constructor (its shape and name to be given), rematerialised as configured
+        and with this tower's BatchNorm settings and dtypes."""
+        # static_argnums counts self: MBConv.__call__(self, inputs, train, drop_rate); train is
+        # a Python bool, and so is the drop rate except in a scan, which traces it.
+        block_cls = stacks.remat_layer(MBConv, self.remat, self.remat_policy,
+                                       static_argnums=(2,) if scanned else (2, 3), scanned=scanned)
+        return functools.partial(block_cls, bn_momentum=self.bn_momentum,
+                                 bn_epsilon=self.bn_epsilon, **precision.of(self))

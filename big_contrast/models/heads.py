@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
+from typing import Any
 
-from big_contrast.models import transformer
+import flax.linen as nn
+import jax.numpy as jnp
+
+from big_contrast.models import precision, transformer
 
 
 PROJECTIONS = ("linear", "mlp", "none")
@@ -15,6 +18,8 @@ class Projection(nn.Module):
 
     features: int
     kind: str = "linear"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
@@ -25,11 +30,13 @@ class Projection(nn.Module):
             return x
         if self.kind == "linear":
             return nn.Dense(self.features, use_bias=False, name="proj",
-                            kernel_init=transformer.dense_init(("embed", None)))(x)
+                            kernel_init=transformer.dense_init(("embed", None)),
+                            **precision.of(self))(x)
         if self.kind == "mlp":
             h = nn.Dense(x.shape[-1], name="hidden", kernel_init=transformer.dense_init(("embed", "mlp")),
-                         bias_init=transformer.zeros_init(("mlp",)))(x)
+                         bias_init=transformer.zeros_init(("mlp",)), **precision.of(self))(x)
             h = nn.gelu(h, approximate=True)
             return nn.Dense(self.features, use_bias=False, name="proj",
-                            kernel_init=transformer.dense_init(("mlp", None)))(h)
+                            kernel_init=transformer.dense_init(("mlp", None)),
+                            **precision.of(self))(h)
         raise ValueError(f"unknown projection {self.kind!r}; choose 'linear', 'mlp' or 'none'")

@@ -14,12 +14,16 @@ def pixels_to_unit_range(images):
     return images
 
 
-def batch_norm(train: bool, momentum: float, epsilon: float, name: str) -> nn.BatchNorm:
-    """BatchNorm with replicated, logically-named scale and bias; statistics in 'batch_stats'
-    (computed over the global batch under jit, running averages when not training)."""
+def batch_norm(train: bool, momentum: float, epsilon: float, name: str, dtype=jnp.float32,
+               param_dtype=jnp.float32, zero_scale: bool = False) -> nn.BatchNorm:
+    """BatchNorm with replicated, logically-named scale (zero-initialised with ``zero_scale``)
+    and bias; statistics in 'batch_stats' (computed in float32 over the global batch under
+    jit, running averages kept in float32 and used when not training), result in ``dtype``."""
+    scale_init = nn.initializers.zeros_init() if zero_scale else nn.initializers.ones_init()
     return nn.BatchNorm(
         use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+        dtype=dtype, param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(scale_init, (None,)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
 
 

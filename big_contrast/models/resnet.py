@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from big_contrast.models import precision, stacks
 from big_contrast.models.image_layers import batch_norm, pixels_to_unit_range, pool_tokens
 
 
@@ -68,24 +71,20 @@ _CONV_NAMES = (None, None, None, None)  # like the other convolutional towers: r
 _BN_EPSILON = 1e-5  # torchvision's
 
 
-def _conv(features: int, kernel: int, name: str, strides: int = 1) -> nn.Conv:
+def _conv(features: int, kernel: int, name: str, strides: int = 1, **dtypes) -> nn.Conv:
     """Bias-free convolution (a BatchNorm follows) with torchvision's symmetric padding
     (kernel // 2 each side), which differs from 'SAME' at stride 2 on even sizes."""
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                    padding=((pad, pad), (pad, pad)), use_bias=False, name=name,
-                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, _CONV_NAMES))
+                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, _CONV_NAMES), **dtypes)
 
 
-def _bn(train: bool, momentum: float, name: str, zero_scale: bool = False) -> nn.BatchNorm:
-    """image_layers.batch_norm, or its twin with a zero-initialised scale (Goyal et al. 2017:
+def _bn(train: bool, momentum: float, name: str, zero_scale: bool = False,
+        **dtypes) -> nn.BatchNorm:
+    """image_layers.batch_norm; ``zero_scale`` starts its scale at zero (Goyal et al. 2017:
     a residual branch whose last BatchNorm starts at zero starts as the identity)."""
-    if not zero_scale:
-        return batch_norm(train, momentum, _BN_EPSILON, name)
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=momentum, epsilon=_BN_EPSILON, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))
+    return batch_norm(train, momentum, _BN_EPSILON, name, zero_scale=zero_scale, **dtypes)
 
 
 class ResidualBlock(nn.Module):
@@ -102,23 +101,27 @@ class ResidualBlock(nn.Module):
     stride: int
     bn_momentum: float
     zero_init_residual: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs, train: bool = False):
-        bn = functools.partial(_bn, train, self.bn_momentum)
+        dtypes = precision.of(self)
+        bn = functools.partial(_bn, train, self.bn_momentum, **dtypes)
+        conv = functools.partial(_conv, **dtypes)
         zero = self.zero_init_residual
         if self.block == "basic":
             out_features = self.features
-            x = nn.relu(bn("bn1")(_conv(self.features, 3, "conv1", self.stride)(inputs)))
-            x = bn("bn2", zero)(_conv(self.features, 3, "conv2")(x))
+            x = nn.relu(bn("bn1")(conv(self.features, 3, "conv1", self.stride)(inputs)))
+            x = bn("bn2", zero)(conv(self.features, 3, "conv2")(x))
         else:
             out_features = self.features * BOTTLENECK_EXPANSION
-            x = nn.relu(bn("bn1")(_conv(self.features, 1, "conv1")(inputs)))
-            x = nn.relu(bn("bn2")(_conv(self.features, 3, "conv2", self.stride)(x)))
-            x = bn("bn3", zero)(_conv(out_features, 1, "conv3")(x))
+            x = nn.relu(bn("bn1")(conv(self.features, 1, "conv1")(inputs)))
+            x = nn.relu(bn("bn2")(conv(self.features, 3, "conv2", self.stride)(x)))
+            x = bn("bn3", zero)(conv(out_features, 1, "conv3")(x))
         shortcut = inputs
         if self.stride != 1 or inputs.shape[-1] != out_features:
-            shortcut = _conv(out_features, 1, "shortcut_conv", self.stride)(inputs)
+            shortcut = conv(out_features, 1, "shortcut_conv", self.stride)(inputs)
             shortcut = bn("shortcut_bn")(shortcut)
         return nn.relu(x + shortcut)
 
@@ -136,9 +139,15 @@ class ResNet(nn.Module):
       bn_momentum: decay of the running statistics (in 'batch_stats', so train=True needs
         mutable=['batch_stats']); 0.9 is torchvision's momentum of 0.1.
       zero_init_residual: start the last BatchNorm scale of every residual branch at zero.
-      remat: rematerialise each block in the backward pass (saves activation memory).
+      remat: rematerialise each block in the backward pass (saves activation memory), keeping
+        what remat_policy allows (stacks.REMAT_POLICIES).
+      scan: run the blocks after each stage's first (identical: stride 1, same channels) as
+        one nn.scan named 'stage{s}_blocks', their variables stacked on a leading axis,
+        instead of 'stage{s}_block1', 'stage{s}_block2', ...
+      dtype, param_dtype: compute and parameter dtypes (models/precision.py).
     Takes images [B, H, W, 3] (uint8, or floats already in [-1, 1]); returns
-    (pooled [B, C] ([B, 2C] for 'gap_max'), tokens [B, H' * W', C]), C = output_channels.
+    (pooled [B, C] ([B, 2C] for 'gap_max'), tokens [B, H' * W', C]) in dtype,
+    C = output_channels.
     """
 
     variant: str = "50"
@@ -147,32 +156,48 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     zero_init_residual: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         layout = spec(self.variant)
         if self.stem not in STEMS:
             raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}")
-        # static_argnums counts self: ResidualBlock.__call__(self, inputs, train).
-        block_cls = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
-
-        x = pixels_to_unit_range(images)
+        dtypes = precision.of(self)
+        x = pixels_to_unit_range(images).astype(self.dtype)
         if self.stem == "imagenet":
-            x = _conv(layout.stem_width, 7, "stem_conv", strides=2)(x)
-            x = nn.relu(_bn(train, self.bn_momentum, "stem_bn")(x))
+            x = _conv(layout.stem_width, 7, "stem_conv", strides=2, **dtypes)(x)
+            x = nn.relu(_bn(train, self.bn_momentum, "stem_bn", **dtypes)(x))
             # XLA:CPU's reduce-window gradient is slow (convnet._max_pool_2x2); only this stem
             # pools, and it is meant for large images on accelerators.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = _conv(layout.stem_width, 3, "stem_conv")(x)
-            x = nn.relu(_bn(train, self.bn_momentum, "stem_bn")(x))
+            x = _conv(layout.stem_width, 3, "stem_conv", **dtypes)(x)
+            x = nn.relu(_bn(train, self.bn_momentum, "stem_bn", **dtypes)(x))
 
         for s, (features, repeats) in enumerate(zip(layout.widths, layout.blocks)):
-            for r in range(repeats):
-                stride = 2 if s and not r else 1
-                x = block_cls(layout.block, features, stride, self.bn_momentum,
-                              self.zero_init_residual, name=f"stage{s}_block{r}")(x, train)
+            block = self._block(layout.block, features)
+            x = block(2 if s else 1, name=f"stage{s}_block0")(x, train)
+            if self.scan and repeats > 1:
+                rest = self._block(layout.block, features, scanned=True)(1, name=f"stage{s}_blocks")
+                x = stacks.scan_residual(rest, x, repeats - 1, train,
+                                         collections=("params", "batch_stats"))
+                continue
+            for r in range(1, repeats):
+                x = block(1, name=f"stage{s}_block{r}")(x, train)
 
         batch, _, _, channels = x.shape
         tokens = x.reshape(batch, -1, channels)
         return pool_tokens(tokens, self.pool), tokens
+
+    def _block(self, kind: str, features: int, scanned: bool = False):
+        """A ResidualBlock constructor (stride and name to be given), rematerialised as
+        configured."""
+        # static_argnums counts self: ResidualBlock.__call__(self, inputs, train).
+        block_cls = stacks.remat_layer(ResidualBlock, self.remat, self.remat_policy,
+                                       static_argnums=(2,), scanned=scanned)
+        return functools.partial(block_cls, kind, features, bn_momentum=self.bn_momentum,
+                                 zero_init_residual=self.zero_init_residual, **precision.of(self))

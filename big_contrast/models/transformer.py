@@ -11,10 +11,13 @@ import dataclasses
 import functools
 import math
 import re
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from big_contrast.models import precision, stacks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,19 +69,20 @@ def zeros_init(names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm_fn(x, scale, bias, epsilon: float):
-    """LayerNorm over the last axis (statistics in float32), with a hand-written backward pass.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm_fn(x, scale, bias, epsilon: float, dtype):
+    """LayerNorm over the last axis (statistics in float32 whatever x's dtype, the result in
+    ``dtype``), with a hand-written backward pass.
 
     Autodiff of the plain formula keeps several full-size intermediates per call for the
     backward pass (on XLA:CPU even a materialised broadcast of ``scale``); this keeps the
     normalised input and one reciprocal standard deviation per row, and the backward pass is
     the closed form dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)), g' = g * scale.
     """
-    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+    return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
-def _layer_norm_fwd(x, scale, bias, epsilon):
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     centred = xf - mean
@@ -86,11 +90,11 @@ def _layer_norm_fwd(x, scale, bias, epsilon):
     xhat = centred * rstd
     y = (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32))
     # (a zero-size array carries x's dtype for dx)
-    return y.astype(jnp.result_type(x, scale, bias)), (xhat, rstd, scale, bias, x[..., :0])
+    return y.astype(dtype), (xhat, rstd, scale, bias, x[..., :0])
 
 
-def _layer_norm_bwd(epsilon, residuals, g):
-    del epsilon
+def _layer_norm_bwd(epsilon, dtype, residuals, g):
+    del epsilon, dtype
     xhat, rstd, scale, bias, x_like = residuals
     g = g.astype(jnp.float32)
     rows = tuple(range(g.ndim - 1))
@@ -111,18 +115,20 @@ class LayerNorm(nn.Module):
     benchmarks/compare_open_clip.py than nn.LayerNorm)."""
 
     epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(
-            nn.initializers.ones_init(), ("embed",)), (width,))
-        bias = self.param("bias", zeros_init(("embed",)), (width,))
-        return layer_norm_fn(x, scale, bias, self.epsilon)
+            nn.initializers.ones_init(), ("embed",)), (width,), self.param_dtype)
+        bias = self.param("bias", zeros_init(("embed",)), (width,), self.param_dtype)
+        return layer_norm_fn(x, scale, bias, self.epsilon, self.dtype)
 
 
-def layer_norm(name: str | None = None) -> LayerNorm:
-    return LayerNorm(epsilon=1e-5, name=name)
+def layer_norm(name: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32) -> LayerNorm:
+    return LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -174,6 +180,8 @@ class Attention(nn.Module):
 
     heads: int
     causal: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, pad_mask=None, cache=None, position=None):
@@ -190,15 +198,18 @@ class Attention(nn.Module):
         # heads axis stays contiguous.
         qkv_kernel = self.param(
             "qkv_kernel", dense_init(("embed", "heads", None, "kv"), in_axis=0, out_axis=(1, 2, 3)),
-            (width, self.heads, 3, head_dim))
-        qkv_bias = self.param("qkv_bias", zeros_init(("heads", None, "kv")), (self.heads, 3, head_dim))
+            (width, self.heads, 3, head_dim), self.param_dtype)
+        qkv_bias = self.param("qkv_bias", zeros_init(("heads", None, "kv")), (self.heads, 3, head_dim),
+                              self.param_dtype)
+        out_kernel = self.param(
+            "out_kernel", dense_init(("heads", "kv", "embed"), in_axis=(0, 1), out_axis=2),
+            (self.heads, head_dim, width), self.param_dtype)
+        out_bias = self.param("out_bias", zeros_init(("embed",)), (width,), self.param_dtype)
+        x, qkv_kernel, qkv_bias, out_kernel, out_bias = (
+            a.astype(self.dtype) for a in (x, qkv_kernel, qkv_bias, out_kernel, out_bias))
         batch, length = x.shape[:2]
         qkv = x @ qkv_kernel.reshape(width, -1) + qkv_bias.reshape(-1)
         qkv = qkv.reshape(batch, length, self.heads, 3, head_dim)
-        out_kernel = self.param(
-            "out_kernel", dense_init(("heads", "kv", "embed"), in_axis=(0, 1), out_axis=2),
-            (self.heads, head_dim, width))
-        out_bias = self.param("out_bias", zeros_init(("embed",)), (width,))
         if cache is None:
             # One transpose to [3, B, heads, T, head_dim]: q, k and v come out contiguous and
             # heads-leading for the batched matmuls, instead of three strided slices and
@@ -223,17 +234,19 @@ class Attention(nn.Module):
 
 class MlpBlock(nn.Module):
     mlp_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
         h = nn.Dense(self.mlp_dim, kernel_init=dense_init(("embed", "mlp")),
-                     bias_init=zeros_init(("mlp",)), name="fc1")(x)
+                     bias_init=zeros_init(("mlp",)), name="fc1", **precision.of(self))(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         # tanh-approximate GELU: about 25% faster than erf GELU on XLA:CPU at equal quality.
         h = gelu_tanh(h)
         return nn.Dense(width, kernel_init=dense_init(("mlp", "embed")),
-                        bias_init=zeros_init(("embed",)), name="fc2")(h)
+                        bias_init=zeros_init(("embed",)), name="fc2", **precision.of(self))(h)
 
 
 class EncoderBlock(nn.Module):
@@ -242,27 +255,42 @@ class EncoderBlock(nn.Module):
     heads: int
     mlp_dim: int
     causal: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, pad_mask=None):
-        x = x + Attention(self.heads, self.causal, name="attn")(layer_norm("ln_attn")(x), pad_mask)
-        x = x + MlpBlock(self.mlp_dim, name="mlp")(layer_norm("ln_mlp")(x))
+        dtypes = precision.of(self)
+        attn = Attention(self.heads, self.causal, name="attn", **dtypes)
+        x = x + attn(layer_norm("ln_attn", **dtypes)(x), pad_mask)
+        x = x + MlpBlock(self.mlp_dim, name="mlp", **dtypes)(layer_norm("ln_mlp", **dtypes)(x))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 class Encoder(nn.Module):
-    """A stack of pre-LN blocks; ``remat`` trades compute for activation memory."""
+    """A stack of pre-LN blocks, named block_00, block_01, ... or, with ``scan`` (and any
+    blocks), one nn.scan over them named 'blocks' (parameters stacked on a leading 'layers'
+    axis: one layer is traced and compiled for all). ``remat`` trades compute for activation
+    memory, keeping what ``remat_policy`` (stacks.REMAT_POLICIES) allows."""
 
     depth: int
     heads: int
     mlp_dim: int
     causal: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, pad_mask=None):
-        block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        block_cls = stacks.remat_layer(EncoderBlock, self.remat, self.remat_policy,
+                                       scanned=self.scan)
+        block = functools.partial(block_cls, self.heads, self.mlp_dim, self.causal,
+                                  **precision.of(self))
+        if self.scan and self.depth:
+            return stacks.scan_residual(block(name="blocks"), x, self.depth, pad_mask)
         for i in range(self.depth):
-            x = block_cls(self.heads, self.mlp_dim, self.causal, name=f"block_{i:02d}")(x, pad_mask)
+            x = block(name=f"block_{i:02d}")(x, pad_mask)
         return x
-

@@ -5,12 +5,13 @@ for sigmoid losses, a learnable logit bias (SigLIP: starts at -10)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_contrast.models import heads
+from big_contrast.models import heads, precision
 from big_contrast.models.convnet import ConvNet
 from big_contrast.models.efficientnet import EfficientNet
 from big_contrast.models.resnet import ResNet
@@ -21,32 +22,38 @@ from big_contrast.models.vit import ViT
 IMAGE_TOWERS = ("vit", "convnet", "efficientnet", "resnet")
 
 
-def build_image_tower(cfg) -> nn.Module:
+def build_image_tower(cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:
     """cfg: {type: 'vit' | 'convnet' | 'efficientnet' | 'resnet', variant, pool, stem, norm,
-    bn_momentum, drop_connect, remat}; validation.py says which values each type takes."""
+    bn_momentum, drop_connect, remat, remat_policy, scan}; validation.py says which values
+    each type takes. dtype, param_dtype: models/precision.py."""
+    dtypes = {"dtype": dtype, "param_dtype": param_dtype}
+    momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
+    stack = {"remat": cfg.remat, "remat_policy": cfg.remat_policy, "scan": cfg.scan}
     if cfg.type == "vit":
-        return ViT(cfg.variant, pool=cfg.pool, stem=cfg.stem, remat=cfg.remat)
+        return ViT(cfg.variant, pool=cfg.pool, stem=cfg.stem, **stack, **dtypes)
     if cfg.type == "convnet":
-        momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
-        return ConvNet(cfg.variant, stem=cfg.stem, norm=cfg.norm, pool=cfg.pool, **momentum)
+        return ConvNet(cfg.variant, stem=cfg.stem, norm=cfg.norm, pool=cfg.pool, **momentum,
+                       **dtypes)
     if cfg.type == "efficientnet":
-        momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
-        return EfficientNet(cfg.variant, remat=cfg.remat, stem_stride=int(cfg.stem[-1]),
-                            pool=cfg.pool, drop_connect_rate=cfg.drop_connect,
-                            max_stride=cfg.max_stride, **momentum)
+        return EfficientNet(cfg.variant, stem_stride=int(cfg.stem[-1]), pool=cfg.pool,
+                            drop_connect_rate=cfg.drop_connect, max_stride=cfg.max_stride,
+                            **stack, **momentum, **dtypes)
     if cfg.type == "resnet":
-        momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
-        return ResNet(cfg.variant, stem=cfg.stem, pool=cfg.pool, remat=cfg.remat, **momentum)
+        return ResNet(cfg.variant, stem=cfg.stem, pool=cfg.pool, **stack, **momentum, **dtypes)
     raise ValueError(f"unknown image tower {cfg.type!r}; choose one of {IMAGE_TOWERS}")
 
 
-def build_text_tower(cfg, vocab_size: int, eos_id: int) -> nn.Module:
-    """cfg: {variant, causal, pool, remat}; vocabulary and EOS come from the tokenizer."""
+def build_text_tower(cfg, vocab_size: int, eos_id: int, dtype=jnp.float32,
+                     param_dtype=jnp.float32) -> nn.Module:
+    """cfg: {variant, causal, pool, remat, remat_policy, scan}; vocabulary and EOS come from
+    the tokenizer. dtype, param_dtype: models/precision.py."""
     return TextTransformer(cfg.variant, vocab_size=vocab_size, causal=cfg.causal, pool=cfg.pool,
-                           eos_id=eos_id, remat=cfg.remat)
+                           eos_id=eos_id, remat=cfg.remat, remat_policy=cfg.remat_policy,
+                           scan=cfg.scan, dtype=dtype, param_dtype=param_dtype)
 
 
 def l2_normalise(x):
+    """x / |x| over the last axis, in float32 whatever x's dtype (what every loss receives)."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
@@ -58,7 +65,8 @@ class TwoTower(nn.Module):
     Either input may be None (evaluators embed one modality at a time). ``log_scale`` is a
     parameter when ``learn_scale``; ``clamp_log_scale`` keeps it in [0, log(max_scale)] after
     every optimizer step, as CLIP does. ``init_bias`` (None: no bias) adds a learnable scalar
-    'bias' added to every logit, which the sigmoid loss needs.
+    'bias' added to every logit, which the sigmoid loss needs. The projections compute in
+    ``dtype``; the embeddings, scale and bias are float32 whatever it is.
     """
 
     image_tower: nn.Module
@@ -68,27 +76,30 @@ class TwoTower(nn.Module):
     init_scale: float = 1 / 0.07
     learn_scale: bool = True
     init_bias: float | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
-        self.image_proj = heads.Projection(self.embed_dim, self.projection)
-        self.text_proj = heads.Projection(self.embed_dim, self.projection)
+        self.image_proj = heads.Projection(self.embed_dim, self.projection, **precision.of(self))
+        self.text_proj = heads.Projection(self.embed_dim, self.projection, **precision.of(self))
         init = math.log(self.init_scale)
         if self.learn_scale:
-            # A concrete float32 (not a weakly typed Python float) so the train step compiles once.
+            # A concrete dtype (not a weakly typed Python float) so the train step compiles once.
             self.log_scale = self.param(
                 "log_scale", nn.with_logical_partitioning(
-                    lambda _: jnp.asarray(init, jnp.float32), ()))
+                    lambda _, dtype: jnp.asarray(init, dtype), ()), self.param_dtype)
         else:
             self.log_scale = jnp.asarray(init, jnp.float32)
         if self.init_bias is not None:
             self.bias = self.param("bias", nn.with_logical_partitioning(
-                lambda _: jnp.asarray(self.init_bias, jnp.float32), ()))
+                lambda _, dtype: jnp.asarray(self.init_bias, dtype), ()), self.param_dtype)
 
     def logit_parameters(self) -> dict:
-        """{'scale'} and, with a bias, {'bias'}: what the loss applies to the similarities."""
-        out = {"scale": jnp.exp(self.log_scale)}
+        """{'scale'} and, with a bias, {'bias'} in float32: what the loss applies to the
+        similarities."""
+        out = {"scale": jnp.exp(self.log_scale.astype(jnp.float32))}
         if self.init_bias is not None:
-            out["bias"] = self.bias
+            out["bias"] = self.bias.astype(jnp.float32)
         return out
 
     def encode_image(self, images, train: bool = False):

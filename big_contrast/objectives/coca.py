@@ -9,15 +9,17 @@ import jax.numpy as jnp
 
 from big_contrast import decoding, losses
 from big_contrast.config import ConfigError
-from big_contrast.models import coca, two_tower
+from big_contrast.models import coca, precision, two_tower
 from big_contrast.objectives.base import PerExampleObjective
 from big_contrast.objectives.contrastive import global_contrastive_loss, image_text_spec
 
 
 class CoCa(PerExampleObjective):
-    """config.model: {image, text.variant, decoder.{unimodal_depth, multimodal_depth,
-    queries, pooler_heads}, embed_dim, init_scale, max_scale}; config.loss: {block_size,
-    label_smoothing, contrastive_weight, caption_weight, caption_label_smoothing}."""
+    """config.model: {image, text.{variant, remat, remat_policy, scan} (the decoder's),
+    decoder.{unimodal_depth, multimodal_depth, queries, pooler_heads}, embed_dim, init_scale,
+    max_scale, dtype, param_dtype}; config.loss: {block_size, label_smoothing,
+    contrastive_weight, caption_weight, caption_label_smoothing}. Embeddings, logits and the
+    logit scale reach the losses in float32 whatever model.dtype is."""
 
     can_caption = True
 
@@ -26,14 +28,16 @@ class CoCa(PerExampleObjective):
             raise ConfigError(f"objective 'coca' generates captions, which the "
                               f"{config.text.tokenizer!r} tokenizer cannot decode; set "
                               "text.tokenizer to 'vocab' or 'sentencepiece'")
-        decoder = config.model.decoder
+        decoder, text = config.model.decoder, config.model.text
+        dtypes = precision.from_config(config.model)
         self.model = coca.CoCa(
-            image_tower=two_tower.build_image_tower(config.model.image),
+            image_tower=two_tower.build_image_tower(config.model.image, **dtypes),
             vocab_size=tokenizer.vocab_size, max_len=config.text.max_len,
-            text_variant=config.model.text.variant, unimodal_depth=decoder.unimodal_depth,
+            text_variant=text.variant, unimodal_depth=decoder.unimodal_depth,
             multimodal_depth=decoder.multimodal_depth, decoder_queries=decoder.queries,
             pooler_heads=decoder.pooler_heads,
-            embed_dim=config.model.embed_dim, init_scale=config.model.init_scale)
+            embed_dim=config.model.embed_dim, init_scale=config.model.init_scale,
+            remat=text.remat, remat_policy=text.remat_policy, scan=text.scan, **dtypes)
         self.pad_id, self.bos_id = tokenizer.pad_id, tokenizer.bos_id
         self.max_scale = config.model.max_scale
         loss = config.loss
@@ -63,7 +67,7 @@ class CoCa(PerExampleObjective):
         return outputs, dict(new_state)
 
     def loss_from_outputs(self, params, outputs, step):
-        logit = {"scale": jnp.exp(params["log_scale"])}
+        logit = {"scale": jnp.exp(params["log_scale"].astype(jnp.float32))}
         contrastive = self.contrastive_loss(outputs["image"], outputs["text"], logit)
         caption = losses.mean_token_loss(outputs["caption_nll"], outputs["caption_tokens"])
         loss = self.weights[0] * contrastive + self.weights[1] * caption

@@ -10,7 +10,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from big_contrast import losses
-from big_contrast.models import two_tower
+from big_contrast.models import precision, two_tower
 from big_contrast.data.spec import BatchSpec, ImageView
 from big_contrast.objectives.base import PerExampleObjective
 from big_contrast.sharding import BATCH_AXES
@@ -40,17 +40,19 @@ def image_text_spec(config) -> BatchSpec:
 
 class Contrastive(PerExampleObjective):
     """config.model: {image, text, embed_dim, projection, init_scale, learn_scale, max_scale,
-    init_bias}; config.loss: {contrastive, block_size, label_smoothing}."""
+    init_bias, dtype, param_dtype}; config.loss: {contrastive, block_size, label_smoothing}.
+    The towers compute in model.dtype; embeddings, scale and bias reach the loss in float32."""
 
     def __init__(self, config, tokenizer):
         model_cfg = config.model
+        dtypes = precision.from_config(model_cfg)
         self.model = two_tower.TwoTower(
-            image_tower=two_tower.build_image_tower(model_cfg.image),
+            image_tower=two_tower.build_image_tower(model_cfg.image, **dtypes),
             text_tower=two_tower.build_text_tower(model_cfg.text, tokenizer.vocab_size,
-                                                  tokenizer.eos_id),
+                                                  tokenizer.eos_id, **dtypes),
             embed_dim=model_cfg.embed_dim, projection=model_cfg.projection,
             init_scale=model_cfg.init_scale, learn_scale=model_cfg.learn_scale,
-            init_bias=model_cfg.init_bias)
+            init_bias=model_cfg.init_bias, **dtypes)
         self.max_scale = model_cfg.max_scale
         self.contrastive_loss = global_contrastive_loss(config.loss)
         self._spec = image_text_spec(config)

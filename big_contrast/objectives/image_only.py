@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from big_contrast.data.spec import BatchSpec, ImageView
-from big_contrast.models import image_ssl, two_tower
+from big_contrast.models import image_ssl, precision, two_tower
 from big_contrast.objectives.base import Objective
 
 
@@ -35,8 +35,8 @@ def multicrop_spec(config) -> BatchSpec:
 
 
 class ImageOnly(Objective):
-    """config.model: {image (the tower), head: {hidden_dim, layers}, embed_dim};
-    config.data.multicrop and config.data.augment: the views.
+    """config.model: {image (the tower), head: {hidden_dim, layers}, embed_dim, dtype,
+    param_dtype}; config.data.multicrop and config.data.augment: the views.
 
     ``crop_embeddings`` gives [V, B, D] embeddings (and [V, B, K] prototype scores) with the
     crops in the spec's order: global crops first.
@@ -46,10 +46,11 @@ class ImageOnly(Objective):
 
     def __init__(self, config, num_prototypes: int = 0):
         model = config.model
+        dtypes = precision.from_config(model)
         self.net = image_ssl.MultiCropNet(
-            image_tower=two_tower.build_image_tower(model.image), hidden_dim=model.head.hidden_dim,
-            embed_dim=model.embed_dim, head_layers=model.head.layers,
-            num_prototypes=num_prototypes)
+            image_tower=two_tower.build_image_tower(model.image, **dtypes),
+            hidden_dim=model.head.hidden_dim, embed_dim=model.embed_dim,
+            head_layers=model.head.layers, num_prototypes=num_prototypes, **dtypes)
         self._spec = multicrop_spec(config)
         self.num_crops = len(self._spec.views)
 
