@@ -76,13 +76,20 @@ def test_unknown_variant():
         efficientnet.resolution("B9")
 
 
-def test_params_are_replicated_logically():
+def test_kernels_carry_logical_channel_names():
     shapes = _shapes("B0", 32)
-    boxed = jax.tree.leaves(shapes["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert boxed and all(isinstance(p, nn.Partitioned) for p in boxed)
-    assert all(set(p.names) == {None} and len(p.names) == p.value.ndim for p in boxed)
-    specs = jax.tree.leaves(nn.get_partition_spec(shapes["params"]))
-    assert len(specs) == len(boxed)
+    boxed = jax.tree_util.tree_leaves_with_path(
+        shapes["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    names = {"/".join(str(k.key) for k in path): p.names for path, p in boxed}
+    assert all(len(n) == shapes_leaf.value.ndim for n, (_, shapes_leaf) in zip(names.values(), boxed))
+    assert names["stem_conv/kernel"] == (None, None, None, "embed")
+    block = "stage1_block0"  # expand -> depthwise -> squeeze-excite -> project
+    assert names[f"{block}/expand_conv/kernel"] == (None, None, "embed", "mlp")
+    assert names[f"{block}/depthwise_conv/kernel"] == (None, None, None, "mlp")
+    assert names[f"{block}/se_reduce/kernel"] == (None, None, "mlp", None)
+    assert names[f"{block}/se_expand/bias"] == ("mlp",)
+    assert names[f"{block}/project_conv/kernel"] == (None, None, "mlp", "embed")
+    assert names["head_conv/kernel"] == (None, None, "embed", "mlp")
 
 
 def test_tiny_forward_and_batch_stats(tiny, apply_train):

@@ -88,14 +88,19 @@ def test_logged_learning_rate_is_the_rate_at_the_logged_step(tmp_path):
 
 
 def test_efficientnet_on_one_and_eight_devices_agrees_and_evaluates(tmp_path):
-    """Batch-norm EfficientNet: 1 and 8 devices agree, its batch statistics are checkpointed,
-    and the evaluate entrypoint reproduces the run's own evaluation. (Resuming batch-norm
-    towers bit-identically is tests/test_faults.py's, with the ConvNet.)"""
+    """Batch-norm EfficientNet: 1 device and 8 (data, FSDP and tensor parallel) agree, its
+    batch statistics are checkpointed, and the evaluate entrypoint reproduces the run's own
+    evaluation. (Resuming batch-norm towers bit-identically is tests/test_faults.py's, with
+    the ConvNet.)"""
     # lr 1e-3: at the demo's 4e-3 these first steps of a tiny EfficientNet are chaotic enough
     # that reduction-order differences of 1e-6 grow past 1e-4 by step 5.
     config = tiny_clip_config("efficientnet,retrieval", total_steps=6, checkpoint_every=3,
                               ema_decay=0.8, **{"optim.lr": "1e-3"})
+    # Eight devices as 2 (data) x 2 (FSDP) x 2 (tensor parallel): the kernels' channel axes
+    # are split by their logical names.
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
     straight = train_lib.train(config, str(tmp_path / "straight"), jax.devices())
+    config.mesh.update({"data": -1, "fsdp": 1, "model": 1})
     config.evals = {}  # the one-device run only gives the losses to compare with
     train_lib.train(config, str(tmp_path / "one"), jax.devices()[:1])
     one, eight = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "straight"))

@@ -85,14 +85,26 @@ def round_repeats(repeats: int, depth: float) -> int:
 # is kh * kw; that is the fan-in Flax computes (its fan_out would also count the C filters).
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _DEPTHWISE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-_CONV_NAMES = (None, None, None, None)  # channel counts like 24 or 40 divide no mesh axis
+# Logical names of the channel axes: the block's outer width ('embed', split by FSDP) and its
+# expanded inner width ('mlp', split by tensor parallelism), like a transformer's MLP. Every
+# such channel count is a multiple of 8 (round_filters); squeeze-excite's small bottleneck
+# (a quarter of the input channels) stays unsplit.
+_STEM = ("embed",)
+_EXPAND = ("embed", "mlp")
+_PROJECT = ("mlp", "embed")
+_SE_REDUCE = ("mlp", None)
+_SE_EXPAND = (None, "mlp")
 
 
-def _conv(features, kernel, name, strides=1, use_bias=False, **dtypes):
+def _conv(features, kernel, name, channel_names, strides=1, use_bias=False, **dtypes):
+    """A k x k convolution whose kernel [k, k, in, out] carries logical names for its channel
+    axes (``channel_names``: (out,) or (in, out))."""
+    names = (None,) * (4 - len(channel_names)) + tuple(channel_names)
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
                    use_bias=use_bias, name=name,
-                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, _CONV_NAMES),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, names),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          names[-1:]),
                    **dtypes)
 
 
@@ -128,7 +140,8 @@ class DepthwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
-        kernel = self.param("kernel", nn.with_logical_partitioning(_DEPTHWISE_INIT, _CONV_NAMES),
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            _DEPTHWISE_INIT, (None, None, None, "mlp")),
                             (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if jax.default_backend() == "cpu":
@@ -181,18 +194,18 @@ class MBConv(nn.Module):
         hidden = in_features * self.expand_ratio
         x = inputs
         if self.expand_ratio != 1:
-            x = conv(hidden, 1, "expand_conv")(x)
+            x = conv(hidden, 1, "expand_conv", _EXPAND)(x)
             x = nn.swish(bn("expand_bn")(x))
         x = DepthwiseConv(self.kernel, self.stride, name="depthwise_conv", **dtypes)(x)
         x = nn.swish(bn("depthwise_bn")(x))
 
         squeezed = max(1, int(in_features * SE_RATIO))
         se = jnp.mean(x, axis=(1, 2), keepdims=True)
-        se = nn.swish(conv(squeezed, 1, "se_reduce", use_bias=True)(se))
-        se = conv(hidden, 1, "se_expand", use_bias=True)(se)
+        se = nn.swish(conv(squeezed, 1, "se_reduce", _SE_REDUCE, use_bias=True)(se))
+        se = conv(hidden, 1, "se_expand", _SE_EXPAND, use_bias=True)(se)
         x = x * nn.sigmoid(se)
 
-        x = conv(self.features, 1, "project_conv")(x)
+        x = conv(self.features, 1, "project_conv", _PROJECT)(x)
         x = bn("project_bn")(x)
         if self.stride == 1 and in_features == self.features:
             x = DropConnect(name="drop_connect")(x, drop_rate, deterministic=not train)
@@ -251,8 +264,8 @@ class EfficientNet(nn.Module):
         bn = functools.partial(batch_norm, train, self.bn_momentum, self.bn_epsilon, **dtypes)
 
         x = pixels_to_unit_range(images).astype(self.dtype)
-        x = _conv(round_filters(STEM_CHANNELS, coeffs.width), 3, "stem_conv", strides=self.stem_stride,
-                  **dtypes)(x)
+        x = _conv(round_filters(STEM_CHANNELS, coeffs.width), 3, "stem_conv", _STEM,
+                  strides=self.stem_stride, **dtypes)(x)
         x = nn.swish(bn("stem_bn")(x))
 
         stages = [(expand, round_filters(channels, coeffs.width),
@@ -281,7 +294,8 @@ class EfficientNet(nn.Module):
                 x = block(expand, channels, 1, kernel, name=f"stage{s}_block{r}")(
                     x, train, rates[r])
 
-        x = _conv(round_filters(HEAD_CHANNELS, coeffs.width), 1, "head_conv", **dtypes)(x)
+        x = _conv(round_filters(HEAD_CHANNELS, coeffs.width), 1, "head_conv", _EXPAND,
+                  **dtypes)(x)
         x = nn.swish(bn("head_bn")(x))
         batch, _, _, channels = x.shape
         tokens = x.reshape(batch, -1, channels)
