@@ -79,12 +79,18 @@ def test_block_layout_follows_torchvision():
     assert acts["stage1_block0"]["conv1"]["__call__"][0].shape == (1, 8, 8, 128)
 
 
-def test_params_are_replicated_logically():
-    _, variables = _shapes(ResNet("18"), 32)
-    boxed = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert boxed and all(isinstance(p, nn.Partitioned) for p in boxed)
-    assert all(set(p.names) == {None} and len(p.names) == p.value.ndim for p in boxed)
-    assert len(jax.tree.leaves(nn.get_partition_spec(variables["params"]))) == len(boxed)
+def test_kernels_carry_logical_channel_names():
+    _, variables = _shapes(ResNet("50"), 32)
+    boxed = jax.tree_util.tree_leaves_with_path(
+        variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    names = {"/".join(str(k.key) for k in path): p.names for path, p in boxed}
+    assert all(len(p.names) == p.value.ndim for _, p in boxed)
+    block = "stage1_block0"  # bottleneck: widen into 'mlp', read it, project; a shortcut
+    assert names["stem_conv/kernel"] == (None, None, None, "embed")
+    assert names[f"{block}/conv1/kernel"] == (None, None, "embed", "mlp")
+    assert names[f"{block}/conv2/kernel"] == (None, None, "mlp", None)
+    assert names[f"{block}/conv3/kernel"] == (None, None, None, "embed")
+    assert names[f"{block}/shortcut_conv/kernel"] == (None, None, None, "embed")
 
 
 @pytest.mark.parametrize("variant, stem, size, tokens, channels", [

@@ -107,7 +107,11 @@ def test_swav_loss_starts_near_log_k_at_the_paper_embedding_width(swav_run):
 
 
 def test_swav_on_eight_devices_equals_one_device(swav_run):
+    """Eight devices as 2 (data) x 2 (FSDP) x 2 (tensor parallel): the ResNet's kernels are
+    split by their logical channel names, Sinkhorn reduces over the batch axes."""
     config, batches, (states, history) = swav_run
+    config = config.copy_and_resolve_references()
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
     sharded_states, sharded_history = _train(config, jax.devices()[:8], batches)
     np.testing.assert_allclose([m["loss"] for m in sharded_history],
                                [m["loss"] for m in history], rtol=2e-5)

@@ -67,17 +67,25 @@ def output_channels(variant: str) -> int:
 
 # He/Kaiming normal with fan_out (kh * kw * output channels), as torchvision initialises them.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_CONV_NAMES = (None, None, None, None)  # like the other convolutional towers: replicated
+# Logical names of a kernel's (input, output) channels: a block's first convolution widens
+# into 'mlp' (split by tensor parallelism), the next one reads it; 'embed' is split by FSDP.
+_STEM = (None, "embed")
+_INTO_BLOCK = ("embed", "mlp")
+_OUT_OF_BLOCK = ("mlp", None)
+_LAST = (None, "embed")  # a bottleneck's third convolution and the shortcut
 _BN_EPSILON = 1e-5  # torchvision's
 
 
-def _conv(features: int, kernel: int, name: str, strides: int = 1, **dtypes) -> nn.Conv:
+def _conv(features: int, kernel: int, name: str, channel_names: tuple, strides: int = 1,
+          **dtypes) -> nn.Conv:
     """Bias-free convolution (a BatchNorm follows) with torchvision's symmetric padding
-    (kernel // 2 each side), which differs from 'SAME' at stride 2 on even sizes."""
+    (kernel // 2 each side), which differs from 'SAME' at stride 2 on even sizes;
+    ``channel_names``: the logical names of its kernel's (input, output) channel axes."""
     pad = kernel // 2
+    names = (None, None, *channel_names)
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                    padding=((pad, pad), (pad, pad)), use_bias=False, name=name,
-                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, _CONV_NAMES), **dtypes)
+                   kernel_init=nn.with_logical_partitioning(_CONV_INIT, names), **dtypes)
 
 
 def _bn(train: bool, momentum: float, name: str, zero_scale: bool = False,
@@ -112,16 +120,17 @@ class ResidualBlock(nn.Module):
         zero = self.zero_init_residual
         if self.block == "basic":
             out_features = self.features
-            x = nn.relu(bn("bn1")(conv(self.features, 3, "conv1", self.stride)(inputs)))
-            x = bn("bn2", zero)(conv(self.features, 3, "conv2")(x))
+            x = conv(self.features, 3, "conv1", _INTO_BLOCK, self.stride)(inputs)
+            x = nn.relu(bn("bn1")(x))
+            x = bn("bn2", zero)(conv(self.features, 3, "conv2", _OUT_OF_BLOCK)(x))
         else:
             out_features = self.features * BOTTLENECK_EXPANSION
-            x = nn.relu(bn("bn1")(conv(self.features, 1, "conv1")(inputs)))
-            x = nn.relu(bn("bn2")(conv(self.features, 3, "conv2", self.stride)(x)))
-            x = bn("bn3", zero)(conv(out_features, 1, "conv3")(x))
+            x = nn.relu(bn("bn1")(conv(self.features, 1, "conv1", _INTO_BLOCK)(inputs)))
+            x = nn.relu(bn("bn2")(conv(self.features, 3, "conv2", _OUT_OF_BLOCK, self.stride)(x)))
+            x = bn("bn3", zero)(conv(out_features, 1, "conv3", _LAST)(x))
         shortcut = inputs
         if self.stride != 1 or inputs.shape[-1] != out_features:
-            shortcut = conv(out_features, 1, "shortcut_conv", self.stride)(inputs)
+            shortcut = conv(out_features, 1, "shortcut_conv", _LAST, self.stride)(inputs)
             shortcut = bn("shortcut_bn")(shortcut)
         return nn.relu(x + shortcut)
 
@@ -169,13 +178,13 @@ class ResNet(nn.Module):
         dtypes = precision.of(self)
         x = pixels_to_unit_range(images).astype(self.dtype)
         if self.stem == "imagenet":
-            x = _conv(layout.stem_width, 7, "stem_conv", strides=2, **dtypes)(x)
+            x = _conv(layout.stem_width, 7, "stem_conv", _STEM, strides=2, **dtypes)(x)
             x = nn.relu(_bn(train, self.bn_momentum, "stem_bn", **dtypes)(x))
             # XLA:CPU's reduce-window gradient is slow (convnet._max_pool_2x2); only this stem
             # pools, and it is meant for large images on accelerators.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = _conv(layout.stem_width, 3, "stem_conv", **dtypes)(x)
+            x = _conv(layout.stem_width, 3, "stem_conv", _STEM, **dtypes)(x)
             x = nn.relu(_bn(train, self.bn_momentum, "stem_bn", **dtypes)(x))
 
         for s, (features, repeats) in enumerate(zip(layout.widths, layout.blocks)):
