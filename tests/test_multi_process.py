@@ -153,3 +153,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
     for error in errors:
         assert f"interrupted by SIGTERM at step {saved[0]}" in error
         assert "Rerun the same command" in error
+
+
+def test_a_mesh_that_does_not_divide_a_parameter_is_named_before_anything_compiles():
+    config = config_lib.apply_overrides(config_lib.load_config_file(os.path.join(REPO, CONFIG)),
+                                        {"mesh.data": "1", "mesh.model": "4"})
+    with pytest.raises(config_lib.ConfigError, match=r"attn/out_kernel \(shape \(2, 16, 32\)\) "
+                       r"cannot be split 4 ways over mesh axes \('model',\)"):
+        Experiment(config, jax.devices()[:4])
