@@ -129,8 +129,14 @@ def test_a_tokenizer_that_cannot_decode_is_refused():
 
 
 def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+    """Eight devices as 2 (data) x 2 (FSDP) x 2 (tensor parallel over 'model')."""
     config = _config(total_steps=3, checkpoint_every=3)
     one = train_lib.train(config, str(tmp_path / "one"), jax.devices()[:1])
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
+    # The word-list tokenizer's 105 ids do not split in two: the vocabulary stays whole (a
+    # mesh that cannot divide it is a ConfigError naming the token embedding).
+    config.sharding_rules = [r if r[0] != "vocab" else ["vocab", None]
+                             for r in config.sharding_rules]
     train_lib.train(config, str(tmp_path / "eight"), jax.devices())
     a, b = runs.losses(tmp_path / "one"), runs.losses(tmp_path / "eight")
     assert sorted(a) == [1, 2, 3] and one["final_loss"] == a[3]

@@ -123,11 +123,14 @@ def test_swav_on_eight_devices_equals_one_device(swav_run):
 
 @pytest.mark.parametrize("arg", ["simclr", "simclr,mochi"])
 def test_simclr_on_eight_devices_equals_one_device(arg):
-    """Without mixing the global NT-Xent is the same on any mesh; MoCHi's draws are per device,
-    so with it the loss must be finite on both."""
+    """Without mixing the global NT-Xent is the same on any mesh (here 2 (data) x 2 (FSDP) x 2
+    (tensor parallel)); MoCHi's draws are per device, so with it the loss must be finite on
+    both."""
     config = _config(arg, total_steps=3)
     batches = _host_batches(config, 3)
     _, single = _train(config, jax.devices()[:1], batches)
+    config = config.copy_and_resolve_references()
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
     _, sharded = _train(config, jax.devices()[:8], batches)
     if "mochi" in arg:
         assert all(np.isfinite(m["loss"]) for m in single + sharded)
