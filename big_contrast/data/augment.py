@@ -29,6 +29,12 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return x.astype(np.uint8)
 
 
+def _luma(planes: np.ndarray) -> np.ndarray:
+    """The ITU-R 601 luma of planar RGB [3, ...], elementwise: a matrix product would start
+    BLAS threads in every grain worker."""
+    return _LUMA[0] * planes[0] + _LUMA[1] * planes[1] + _LUMA[2] * planes[2]
+
+
 def _clip(x: np.ndarray) -> np.ndarray:
     """Clips float pixel values to [0, 255] in place (np.clip is slower on small arrays)."""
     np.minimum(x, np.float32(255.0), out=x)
@@ -90,12 +96,12 @@ def colour_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float
         if op == 0:  # brightness: blend with black
             x *= np.float32(f)
         elif op == 1:  # contrast: blend with the mean grey level
-            mean = np.float32(float(_LUMA @ x.sum(axis=1)) / x.shape[1])
+            mean = np.float32(float(_luma(x.sum(axis=1))) / x.shape[1])
             x -= mean
             x *= np.float32(f)
             x += mean
         else:  # saturation: blend with each pixel's grey level
-            grey = _LUMA @ x
+            grey = _luma(x)
             x -= grey
             x *= np.float32(f)
             x += grey
@@ -105,7 +111,8 @@ def colour_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float
 
 def grayscale(image: np.ndarray) -> np.ndarray:
     """The luma (ITU-R 601) repeated in all three channels."""
-    grey = _to_uint8(image.astype(np.float32) @ _LUMA)
+    planes = np.moveaxis(image, -1, 0).astype(np.float32)
+    grey = _to_uint8(_luma(planes))
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
