@@ -5,7 +5,7 @@ many decode workers (CPU cores) a GPU host needs to keep a training step fed.
       [--num_images 2000] [--max_side 500] [--batch_size 64] [--batches 10] [--warmup 2]
       [--data_dir DIR]
       [--step_samples_per_second 3210] [--swav_step_samples_per_second 2598]
-      [--accelerators_per_host 8] [--blas_threads 1]
+      [--accelerators_per_host 8]
 
 Data: --num_images JPEG-encoded images (quality 90, 4:2:0, about 180 kpx and 110 KB on
 average, like ImageNet's training JPEGs: 500 x 375 and 375 x 500 mostly, longer side 320-500
@@ -31,7 +31,7 @@ TrainBatches' device put (jax.make_array_from_callback) is left out: this is the
 Printed:
 - stage costs: one core, this process, ms per image (median over images) of each step of the
   preprocessing, and of the SwAV view's photometric operations per call. 'CPU ms' counts every
-  thread of this process, so a multi-threaded BLAS call shows its spinning threads.
+  thread of this process.
 - throughput per worker count, after --warmup batches (which include starting the workers):
   samples/s over --batches batches (wall clock); per worker (samples/s / workers; 0 workers:
   everything in this process); worker CPU ms/sample (CPU time of the worker processes, from
@@ -55,18 +55,12 @@ tokens) 3.0 G = 41 GFLOP forward, 123 GFLOP per trained pair. SwAV ResNet-50: 4.
 multiply-adds at 224 px, x (96/224)^2 at 96 px: 2 x 224 + 6 x 96 = 12.7 G = 76 GFLOP per
 trained image.
 
-BLAS threads: augment.gaussian_blur is two matrix products (numpy -> OpenBLAS), and OpenBLAS
-starts one thread per core in every process by default. --blas_threads 1 (the default) sets
-OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS=1 for the spawned workers and one
-thread in this process, so one worker is one core; --blas_threads default measures the library
-as it runs when nothing is set.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.metadata
 import io
 import math
@@ -112,38 +106,6 @@ def swav_step_rate(mfu: float) -> float:
     """Estimated SwAV ResNet-50 (2 x 224 + 6 x 96 crops) training images/s on one H100."""
     macs = RESNET50_MACS_224 * (2 + 6 * (96 / 224) ** 2)
     return mfu * PEAK_FLOPS / (3 * 2 * macs)
-
-
-# ---------------------------------------------------------------------------------- BLAS threads
-
-def _openblas():
-    """The OpenBLAS library numpy loaded and its (set, get) thread functions, or None."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if "openblas" in line.lower() and line.split()[-1].startswith("/")})
-    except OSError:
-        return None
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", ""), ("openblas", "64_")):
-            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            if setter is not None and getter is not None:
-                return setter, getter
-    return None
-
-
-_BLAS = _openblas()
-
-
-def blas_threads() -> int | None:
-    return None if _BLAS is None else int(_BLAS[1]())
-
-
-def set_blas_threads(count: int) -> None:
-    if _BLAS is not None:
-        _BLAS[0](int(count))
 
 
 # ---------------------------------------------------------------------------------- the data
@@ -292,7 +254,7 @@ def _per_image(fn, items) -> tuple[float, float]:
     return 1e3 * float(np.median(walls)), 1e3 * float(np.median(cpus))
 
 
-def stage_costs(configs: dict, default_blas: int | None, blas: str) -> list[tuple]:
+def stage_costs(configs: dict) -> list[tuple]:
     """(stage, wall ms, CPU ms) rows, per image or per call, in this process."""
     from big_contrast.data import augment, sources, transforms
 
@@ -328,18 +290,8 @@ def stage_costs(configs: dict, default_blas: int | None, blas: str) -> list[tupl
         ]
         sigmas = rng.uniform(0.1, 2.0, len(crops)) * size / 224
         blurs = list(zip(crops, sigmas))
-        settings = [(blas, None)]
-        if default_blas and default_blas != 1:
-            settings = [("1 thread", 1), (f"{default_blas} threads (OpenBLAS default)",
-                                          default_blas)]
-        current = blas_threads()
-        for label, threads in settings:
-            if threads:
-                set_blas_threads(threads)
-            rows.append((f"  per call: gaussian blur at {size}, BLAS {label}",
-                         *_per_image(lambda cs: augment.gaussian_blur(*cs), blurs)))
-        if current:
-            set_blas_threads(current)
+        rows.append((f"  per call: gaussian blur at {size}",
+                     *_per_image(lambda cs: augment.gaussian_blur(*cs), blurs)))
     return rows
 
 
@@ -433,16 +385,8 @@ def main():
                         help="SwAV ResNet-50 multi-crop images/s per accelerator (default: the "
                              "FLOPs estimate for an H100 at --swav_mfu)")
     parser.add_argument("--accelerators_per_host", type=int, default=8)
-    parser.add_argument("--blas_threads", default="1",
-                        help="OpenBLAS threads per process: a number, or 'default' to set none")
     args = parser.parse_args()
 
-    default_blas = blas_threads()
-    if args.blas_threads != "default":
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = args.blas_threads  # read by the spawned workers' numpy
-        set_blas_threads(int(args.blas_threads))
-    blas = (f"{blas_threads()} thread(s) per process" if _BLAS else "not OpenBLAS (not set)")
     step_rates = {
         "clip": (args.step_samples_per_second or clip_step_rate(args.mfu),
                  "CLIP ViT-B/16, 224 px" + ("" if args.step_samples_per_second
@@ -457,7 +401,7 @@ def main():
           f"numpy {np.__version__}, Pillow {_version('pillow')} (libjpeg-turbo "
           f"{features.version('libjpeg_turbo') or 'no'}), grain {_version('grain')}, "
           f"array-record {_version('array-record')}, sentencepiece {_version('sentencepiece')}; "
-          f"BLAS: {blas}; load average {os.getloadavg()[0]:.1f} at the start\n", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} at the start\n", flush=True)
 
     with contextlib.ExitStack() as stack:
         folder = args.data_dir or stack.enter_context(
@@ -489,7 +433,7 @@ def main():
               f"{STAGE_IMAGES} images):\n")
         print("| stage | wall ms | CPU ms |")
         print("|---|---:|---:|")
-        for stage, wall, cpu in stage_costs(configs, default_blas, blas):
+        for stage, wall, cpu in stage_costs(configs):
             print(f"| {stage} | {wall:.2f} | {cpu:.2f} |", flush=True)
 
         print(f"\nThroughput, batch {args.batch_size}, {args.batches} batches after "

@@ -94,7 +94,8 @@ def evaluate(config, workdir: str, step: int | None = None, devices=None,
     step, state = restore_weights(exp, workdir, step)
     evals = evaluators.build_evaluators(config.evals, exp.objective, exp.mesh, config.data,
                                         exp.tokenizer, config.eval_batch_size,
-                                        initial_weights=exp.state_factory.initial_weights)
+                                        initial_weights=exp.state_factory.initial_weights,
+                                        rules=exp.rules)
     with jax.set_mesh(exp.mesh):
         results = actions.run_evaluations(evals, state, exp.eval_weights)
     if jax.process_index() == 0:

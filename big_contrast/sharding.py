@@ -8,6 +8,7 @@ axes by the config's rules table.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -54,6 +55,19 @@ def rules_from_config(rules) -> tuple:
     """Config rules (a list of [logical, mesh axis or list of axes or None]) as a tuple."""
     return tuple((name, tuple(axis) if isinstance(axis, (list, tuple)) else axis)
                  for name, axis in rules)
+
+
+def under_rules(fn, rules):
+    """``fn`` traced with the logical-axis ``rules`` in force. Linen's with_logical_constraint
+    does nothing without rules, and rules are context read at trace time (not part of jit's
+    cache key), so every jitted function that runs a model enters them itself: without them
+    FSDP's activations are left to the compiler, which all-reduces them instead of gathering
+    the parameters."""
+    @functools.wraps(fn)
+    def traced_with_rules(*args, **kwargs):
+        with nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+    return traced_with_rules
 
 
 def batch_sharding(mesh) -> NamedSharding:

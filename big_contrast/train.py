@@ -73,7 +73,8 @@ def train(config, workdir: str, devices=None) -> dict:
                     f"{k}: {old!r} -> {new!r}" for k, (old, new) in accepted.items()), flush=True)
         evals = evaluators.build_evaluators(config.evals, exp.objective, exp.mesh, config.data,
                                             exp.tokenizer, config.eval_batch_size,
-                                            initial_weights=exp.state_factory.initial_weights)
+                                            initial_weights=exp.state_factory.initial_weights,
+                                            rules=exp.rules)
         stored = workdir_lib.read_summary(workdir) if start == exp.total_steps else None
         if stored and stored.get("step") == start and not actions.unfinished(
                 evals, start, exp.total_steps, stored):

@@ -209,7 +209,7 @@ def make_train_step(factory: StateFactory, state_shardings: TrainState, poison: 
                                   model_state=model_state, ema=ema)
         return new_state, metrics
 
-    return jax.jit(train_step,
+    return jax.jit(sharding.under_rules(train_step, factory.rules),
                    in_shardings=(state_shardings, sharding.batch_sharding(factory.mesh)),
                    out_shardings=(state_shardings, sharding.replicated(factory.mesh)),
                    donate_argnums=0)

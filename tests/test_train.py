@@ -12,8 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from big_contrast import checkpoint, evaluate as evaluate_lib, metrics, train as train_lib
-from big_contrast.experiment import Experiment
+from big_contrast import (checkpoint, evaluate as evaluate_lib, metrics, sharding,
+                          train as train_lib)
+from big_contrast.evaluators.common import Embedder
+from big_contrast.experiment import Experiment, example_batch
+from big_contrast.train_state import make_train_step
 from tests.helpers import REPO, TINY_CLIP, tiny_clip_config, write_png_manifest
 from tests.labelled_data import write_labelled_set
 
@@ -68,6 +71,27 @@ def test_fsdp_sharded_parameters_train_like_replicated_ones(tmp_path):
     dp, fsdp = _losses(str(tmp_path / "dp")), _losses(str(tmp_path / "fsdp"))
     for step in dp:
         assert abs(dp[step] - fsdp[step]) < 1e-4
+
+
+def test_models_are_traced_under_the_sharding_rules():
+    """Linen's activation constraints ('batch', 'length', 'embed') only act under the logical
+    rules: without them an FSDP train step all-reduced the ViT's activations (gigabytes per
+    step for B/32, benchmarks/scaling.py) instead of gathering its parameters."""
+    config = tiny_clip_config(**{"mesh.data": "2", "mesh.fsdp": "4"})
+    exp = Experiment(config, jax.devices())
+    abstract = exp.state_factory.abstract()
+    step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
+    batch = {k: jax.ShapeDtypeStruct((16, *v.shape[1:]), v.dtype,
+                                     sharding=sharding.batch_sharding(exp.mesh))
+             for k, v in example_batch(exp.objective.batch_spec, config.text.max_len).items()}
+    embedder = Embedder(exp.objective, exp.mesh, 16, rules=exp.rules)
+    with jax.set_mesh(exp.mesh):
+        lowered_step = step.lower(abstract, batch).as_text()
+        lowered_embedding = embedder.jit(exp.objective.embed_images).lower(
+            abstract.params, abstract.model_state, batch["image"]).as_text()
+    # Each transformer block constrains its output and its MLP's hidden activations.
+    assert lowered_step.count("sharding_constraint") >= 4
+    assert lowered_embedding.count("sharding_constraint") >= 2
 
 
 def _command(entrypoint, workdir, *flags, config=TINY_CLIP):

@@ -50,11 +50,13 @@ def _options(name: str, cls, options: dict) -> dict:
 
 
 def build_evaluators(evals_config, objective, mesh, data_config, tokenizer,
-                     batch_size: int, *, initial_weights=None) -> list[ScheduledEvaluator]:
+                     batch_size: int, *, initial_weights=None,
+                     rules=()) -> list[ScheduledEvaluator]:
     """``initial_weights``: () -> (params, model_state) at the random initialisation (the
     trainer passes ``StateFactory.initial_weights``); with it, knn and linear_probe also report
-    a random-initialisation baseline ('<split>/random_init_top1'), without it they omit it."""
-    embedder = Embedder(objective, mesh, batch_size, initial_weights)
+    a random-initialisation baseline ('<split>/random_init_top1'), without it they omit it.
+    ``rules``: the experiment's logical-axis rules, in force while the models are traced."""
+    embedder = Embedder(objective, mesh, batch_size, initial_weights, rules)
     scheduled = []
     for name, cfg in evals_config.items():
         options = cfg.to_dict()

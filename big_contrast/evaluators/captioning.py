@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 
 from big_contrast import decoding
@@ -50,10 +49,10 @@ class Captioning:
                                          max_pixels=data_config.max_image_pixels,
                                          keep_caption=True)
         self.labels = {a: self.data[a] for a in labels}
-        self._generate = jax.jit(functools.partial(
+        self._generate = embedder.jit(functools.partial(
             _generate, objective, max_len=max_len or tokenizer.max_len, beam_size=beam_size,
             length_penalty=length_penalty, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id), out_shardings=embedder.replicated)
+            pad_id=tokenizer.pad_id))
         self.last_samples: list[str] = []
 
     def captions(self, params, model_state) -> list[str]:

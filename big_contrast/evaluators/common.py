@@ -100,16 +100,22 @@ class Embedder:
     """
 
     def __init__(self, objective, mesh, batch_size: int,
-                 initial_weights: Callable[[], tuple[Any, Any]] | None = None):
+                 initial_weights: Callable[[], tuple[Any, Any]] | None = None, rules=()):
         self.initial_weights = initial_weights
+        self.rules = rules
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // shards) * shards  # round up to divide the mesh
         self.feed = feeding.BatchFeed.for_mesh(mesh, self.batch_size)
         self.objective = objective
         self.replicated = sharding.replicated(mesh)
-        self._images = jax.jit(objective.embed_images, out_shardings=self.replicated)
-        self._texts = jax.jit(objective.embed_texts, out_shardings=self.replicated)
+        self._images = self.jit(objective.embed_images)
+        self._texts = self.jit(objective.embed_texts)
         self._scores = None  # compiled on first use: only captioning objectives score captions
+
+    def jit(self, fn):
+        """fn(params, model_state, batch, ...) compiled under the logical-axis rules with a
+        replicated output, for map_batches."""
+        return jax.jit(sharding.under_rules(fn, self.rules), out_shardings=self.replicated)
 
     def map_batches(self, fn, params, model_state, inputs: np.ndarray, *shared) -> np.ndarray:
         """fn(params, model_state, batch, *shared) over fixed-size, mesh-sharded batches of
@@ -136,5 +142,5 @@ class Embedder:
                        tokens: np.ndarray) -> np.ndarray:
         """[N, K] log-likelihood of each of K tokenised captions given each image."""
         if self._scores is None:
-            self._scores = jax.jit(self.objective.score_captions, out_shardings=self.replicated)
+            self._scores = self.jit(self.objective.score_captions)
         return self.map_batches(self._scores, params, model_state, images, tokens)
