@@ -4,7 +4,7 @@ parallelism, FSDP, tensor parallelism and (on 8) all three at once.
 
   python benchmarks/scaling.py [--config configs/clip.py:B/32] [--batch 256]
       [--devices 1 2 4 8] [--modes dp fsdp tp mixed] [--no_scan] [--set key=value ...]
-      [--logical_rules] [--hlo_dir DIR] [--time [--steps 5]]
+      [--hlo_dir DIR] [--time [--steps 5]]
 
 Modes on N devices: dp (mesh.data=N), fsdp (mesh.fsdp=N), tp (mesh.model=N; n/a where N does
 not divide a sharded dimension, e.g. ViT-B's 12 heads on 8), mixed (data 2 x fsdp 2 x model 2,
@@ -16,9 +16,9 @@ compiles in seconds. A tokenizer that cannot be built here is replaced by one of
 vocabulary size, as compile_time.py does.
 
 The step is the trainer's (train_state.make_train_step), lowered and compiled for the abstract
-train state and batch as compile_time.py does, traced as train.py traces it: under the mesh
-alone. --logical_rules traces it under the config's logical axis rules as well, which is what
-makes the models' activation constraints (nn.with_logical_constraint) take effect.
+train state and batch as compile_time.py does, traced as train.py traces it: under the mesh,
+with the config's logical-axis rules in force inside the step (sharding.under_rules), so the
+models' activation constraints (nn.with_logical_constraint) take effect.
 
 What each figure means (all per device, nothing allocated unless --time):
   params, opt state, state   bytes of this device's shards of the parameters, the optimizer
@@ -64,13 +64,11 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -254,20 +252,7 @@ def replicated_params(report) -> tuple[int, str]:
     return sum(r.bytes for r in whole), (f"{largest.path} {largest.shape}" if largest else "-")
 
 
-@contextlib.contextmanager
-def step_context(exp, logical_rules: bool):
-    """The context the step is traced in: the trainer's (the mesh), or with --logical_rules
-    also the config's logical axis rules, under which the models' activation constraints
-    (nn.with_logical_constraint) take effect; without rules flax makes them no-ops."""
-    with jax.set_mesh(exp.mesh):
-        if not logical_rules:
-            yield
-            return
-        with nn.logical_axis_rules(exp.rules):
-            yield
-
-
-def time_steps(exp, step_fn, abstract_batch_: dict, steps: int, logical_rules: bool) -> float:
+def time_steps(exp, step_fn, abstract_batch_: dict, steps: int) -> float:
     """Median seconds of ``steps`` train steps on a real state and a random batch."""
     rng = np.random.default_rng(0)
     state = exp.state_factory.create()
@@ -278,7 +263,7 @@ def time_steps(exp, step_fn, abstract_batch_: dict, steps: int, logical_rules: b
         else:
             values = rng.integers(0, 256, spec.shape).astype(spec.dtype)
         batch[key] = jax.device_put(values, spec.sharding)
-    with step_context(exp, logical_rules):
+    with jax.set_mesh(exp.mesh):
         state, metrics = step_fn(state, batch)  # compile and warm up
         jax.block_until_ready(metrics)
         times = []
@@ -291,7 +276,7 @@ def time_steps(exp, step_fn, abstract_batch_: dict, steps: int, logical_rules: b
 
 
 def measure(config_arg: str, mode: str, n: int, batch: int, scan: bool, settings: dict,
-            steps: int | None, hlo_dir: str | None = None, logical_rules: bool = False) -> dict:
+            steps: int | None, hlo_dir: str | None = None) -> dict:
     """One row: state bytes, XLA memory and collectives of the train step of ``mode`` on the
     first ``n`` devices, or the reason it does not apply."""
     mesh = mesh_of(mode, n)
@@ -307,7 +292,7 @@ def measure(config_arg: str, mode: str, n: int, batch: int, scan: bool, settings
     step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
     batch_specs = abstract_batch(exp, batch)
     began = time.perf_counter()
-    with step_context(exp, logical_rules):
+    with jax.set_mesh(exp.mesh):
         compiled = step.lower(abstract, batch_specs).compile()
     row["compile_s"] = time.perf_counter() - began
     memory = compiled.memory_analysis()
@@ -325,7 +310,7 @@ def measure(config_arg: str, mode: str, n: int, batch: int, scan: bool, settings
             f.write(compiled.as_text())
     row["replicated"], row["largest_replicated"] = replicated_params(report)
     if steps:
-        row["step_s"] = time_steps(exp, step, batch_specs, steps, logical_rules)
+        row["step_s"] = time_steps(exp, step, batch_specs, steps)
     return row
 
 
@@ -399,10 +384,6 @@ def main():
                         help="also run the step on real arrays (meant for demo configs; see "
                              "the docstring for why these times say little)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps with --time")
-    parser.add_argument("--logical_rules", action="store_true",
-                        help="trace the step under the config's logical axis rules, so the "
-                             "models' activation sharding constraints apply (the trainer "
-                             "traces it under the mesh alone)")
     parser.add_argument("--hlo_dir", help="write each compiled step's HLO text here")
     args = parser.parse_args()
     settings = dict(item.split("=", 1) for item in args.set)
@@ -417,7 +398,7 @@ def main():
                 continue
             began = time.perf_counter()
             row = measure(args.config, mode, n, args.batch, not args.no_scan, settings, steps,
-                          args.hlo_dir, args.logical_rules)
+                          args.hlo_dir)
             rows.append(row)
             print(f"  {n} device(s), {row['mode']}: "
                   f"{'n/a' if 'error' in row else 'compiled in %.1f s' % row['compile_s']} "
