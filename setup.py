@@ -28,7 +28,8 @@ setup(
         "absl-py>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pycocoevalcap>=1.2"],  # CIDEr-D reference
+        # pytest-xdist: the README's test command runs the suite in two processes.
+        "test": ["pytest>=8", "pytest-xdist>=3", "pycocoevalcap>=1.2"],  # CIDEr-D reference
         # jax's accelerator wheels (README, "Running on TPU VMs and GPU hosts").
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda12": ["jax[cuda12]>=0.10.2"],
