@@ -42,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+from machine import cpu_name
 
 INSTALL = """\
 compare_open_clip.py needs torch and open_clip, which are not big_contrast dependencies.
@@ -229,7 +230,7 @@ def main():
     bs, n = args.batch_size, args.steps
     our_rate = bs * n / statistics.median(our_times)
     their_rate = bs * n / statistics.median(their_times)
-    cpu = _cpu_name()
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"open_clip {open_clip.__version__}")
@@ -248,17 +249,6 @@ def main():
           f"({100 * (ours.params / theirs.params - 1):+.2f}%)")
     if abs(ours.params / theirs.params - 1) > 0.03:
         print("WARNING: parameter counts differ by more than 3%: the models do not match")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

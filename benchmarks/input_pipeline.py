@@ -74,6 +74,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))  # train_tokenizer.train
 
 import numpy as np  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from PIL import Image, features  # noqa: E402
 
 JPEG_QUALITY = 90
@@ -343,15 +344,6 @@ def measure(name: str, configs: dict, workers: int, batch_size: int, warmup: int
 
 # ---------------------------------------------------------------------------------- report
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return next(line.split(":", 1)[1].strip() for line in info
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -397,7 +389,7 @@ def main():
                      else f" (estimate: H100 bf16 at {args.swav_mfu:.0%} MFU)")),
     }
 
-    print(f"{os.cpu_count()} cores ({_cpu_name()}), Python {platform.python_version()}, "
+    print(f"{os.cpu_count()} cores ({cpu_name()}), Python {platform.python_version()}, "
           f"numpy {np.__version__}, Pillow {_version('pillow')} (libjpeg-turbo "
           f"{features.version('libjpeg_turbo') or 'no'}), grain {_version('grain')}, "
           f"array-record {_version('array-record')}, sentencepiece {_version('sentencepiece')}; "

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from big_contrast.losses import sigmoid_contrastive, softmax_contrastive  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -69,15 +70,6 @@ def value_and_grad_program(loss, num_scalars, mesh):
     return jax.jit(jax.value_and_grad(sharded, argnums=tuple(range(2 + num_scalars))))
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return next(line.split(":", 1)[1].strip() for line in info
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1024,4096,16384,65536",
@@ -96,7 +88,7 @@ def main():
     replicated = NamedSharding(mesh, P())
     rng = np.random.default_rng(0)
     print(f"{devices} {jax.devices()[0].platform} devices on {os.cpu_count()} cores "
-          f"({_cpu_name()}), jax {jax.__version__}; embeddings {args.dim} wide, float32\n")
+          f"({cpu_name()}), jax {jax.__version__}; embeddings {args.dim} wide, float32\n")
     print("| global batch | loss | peak / device (MiB) | temp | arguments | outputs "
           "| step time (s) | loss value |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")

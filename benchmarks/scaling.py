@@ -78,6 +78,7 @@ from big_contrast.train_state import make_train_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compile_time import tokenizer_overrides  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2 ** 20
@@ -359,15 +360,6 @@ def header(timed: bool, flops: bool) -> str:
     return "| " + " | ".join(names) + " |\n|" + "|".join(align) + "|"
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return next(line.split(":", 1)[1].strip() for line in info
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/clip.py:B/32")
@@ -389,7 +381,7 @@ def main():
     settings = dict(item.split("=", 1) for item in args.set)
     steps = args.steps if args.time else None
     print(f"{args.config}, global batch {args.batch}; {jax.device_count()} fake "
-          f"{jax.devices()[0].platform} devices on {os.cpu_count()} cores ({_cpu_name()}), "
+          f"{jax.devices()[0].platform} devices on {os.cpu_count()} cores ({cpu_name()}), "
           f"jax {jax.__version__}; collectives as executions per step (MiB)", flush=True)
     rows = []
     for n in args.devices:
