@@ -147,9 +147,12 @@ class SaveCheckpoint:
         self.checkpointer, self.data = checkpointer, data
         self.every, self.total_steps, self.signals = every, total_steps, signals
 
+    def scheduled(self, step: int) -> bool:
+        """A checkpoint step by the schedule alone (every ``every`` steps, and the last)."""
+        return step % self.every == 0 or step == self.total_steps
+
     def due(self, step: int) -> bool:
-        return (step % self.every == 0 or step == self.total_steps
-                or self.signals.stop is not None)
+        return self.scheduled(step) or self.signals.stop is not None
 
     def __call__(self, step: int, state) -> None:
         self.checkpointer.save(step, state, self.data)

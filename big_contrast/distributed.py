@@ -50,6 +50,11 @@ def _multi_process_environment() -> str | None:
     return None
 
 
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, force: bool = False) -> bool:
     """Connects this process to the others when asked to (flags) or when the environment is a
@@ -62,6 +67,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise DistributedError(f"--{explicit[0]} needs {' and '.join(missing)} as well: give the "
                                "coordinator's host:port, the number of processes and this "
                                "process's index")
+    if explicit and not _is_host_port(coordinator_address):
+        # Checked here: jax's coordinator crashes the process (a segmentation fault on CPU)
+        # when it cannot parse the port it is to listen on.
+        raise DistributedError(f"--coordinator_address={coordinator_address} is not host:port "
+                               "(a port number from 1 to 65535), e.g. host0:12345")
     if explicit and not 0 <= process_id < num_processes:
         raise DistributedError(f"--process_id={process_id} is not in 0 .. "
                                f"{num_processes - 1} (--num_processes={num_processes})")

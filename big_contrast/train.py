@@ -118,9 +118,9 @@ def _run(config, workdir, exp, ckpt, data, evals, start, began) -> dict:
         with actions.StopSignals() as signals, jax.set_mesh(exp.mesh):
             save = actions.SaveCheckpoint(ckpt, data, config.checkpoint_every, total_steps,
                                           signals)
+            # Steps where every process synchronises anyway: logging and scheduled checkpoints.
             regular_sync = lambda step: (step % config.log_every == 0  # noqa: E731
-                                         or step % config.checkpoint_every == 0
-                                         or step == total_steps)
+                                         or save.scheduled(step))
             sync_due = lambda step: regular_sync(step) or save.due(step)  # noqa: E731
             log = actions.LogMetrics(step_metrics, sync_due, writer, progress, data)
             evaluate = actions.Evaluate(evals, exp.eval_weights, total_steps, writer, progress)

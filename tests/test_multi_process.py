@@ -131,6 +131,19 @@ def test_launch_flags_are_checked_before_anything_starts(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("address", ["localhost:notaport", "localhost", "localhost:70000"])
+def test_a_coordinator_address_that_is_not_host_port_is_one_line(tmp_path, address):
+    """Checked before jax.distributed.initialize, which crashes the process (segmentation
+    fault) when its coordinator cannot parse the port."""
+    result = subprocess.run(runs.command(CONFIG, tmp_path / "run",
+                                         f"--coordinator_address={address}",
+                                         "--num_processes=2", "--process_id=0"),
+                            cwd=REPO, env=runs.ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"--coordinator_address={address} is not host:port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
     workdir = tmp_path / "run"
     port = portpicker.pick_unused_port()
