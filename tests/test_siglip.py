@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from big_contrast import config as bc, losses
+from big_contrast import config as bc, losses, train as train_lib
 from big_contrast.experiment import Experiment
+from tests import runs
 from tests.helpers import REPO, tiny_clip_config
 
 SIGMOID = {"loss.contrastive": "sigmoid", "model.init_bias": "-10", "model.init_scale": "10"}
@@ -35,6 +36,19 @@ def test_objective_loss_is_the_sigmoid_loss_of_its_embeddings():
     expected = losses.sigmoid_contrastive(outputs["image"], outputs["text"], 10.0, -10.0)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert float(metrics["bias"]) == -10.0
+
+
+def test_sigmoid_loss_trains_alike_on_one_device_and_on_data_fsdp_and_tensor_parallel(tmp_path):
+    """Eight devices as 2 (data) x 2 (FSDP) x 2 (tensor parallel): the ring loss runs over the
+    batch axes while the towers are split over 'model'."""
+    config = tiny_clip_config(total_steps=3, checkpoint_every=3, **SIGMOID)
+    train_lib.train(config, str(tmp_path / "one"), jax.devices()[:1])
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
+    train_lib.train(config, str(tmp_path / "eight"), jax.devices())
+    one, eight = runs.losses(tmp_path / "one"), runs.losses(tmp_path / "eight")
+    assert sorted(one) == sorted(eight) == [1, 2, 3]
+    for step in one:
+        assert abs(one[step] - eight[step]) < 1e-4 * abs(one[step]), (step, one[step], eight[step])
 
 
 def test_sigmoid_loss_needs_a_bias_and_the_contrastive_objective():
