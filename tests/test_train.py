@@ -50,12 +50,11 @@ def test_loss_falls_and_every_record_carries_its_step(tmp_path):
 @pytest.mark.parametrize("tower", ["vit", "convnet"])
 def test_one_and_eight_devices_give_the_same_losses(tmp_path, tower):
     # Batch statistics (convnet; efficientnet below) are computed over the global batch under
-    # jit, so they too agree across device counts. The ViT's eight devices are 2 (data) x 2
-    # (FSDP) x 2 (tensor parallel: heads and MLP split over 'model').
+    # jit, so they too agree across device counts. Eight devices as 2 (data) x 2 (FSDP) x 2
+    # (tensor parallel: the ViT's heads and MLPs, the ConvNet's output channels over 'model').
     config = tiny_clip_config(tower, total_steps=4, checkpoint_every=4)
     train_lib.train(config, str(tmp_path / "one"), jax.devices()[:1])
-    if tower == "vit":
-        config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
     train_lib.train(config, str(tmp_path / "eight"), jax.devices())
     one, eight = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "eight"))
     assert sorted(one) == [1, 2, 3, 4]

@@ -86,11 +86,15 @@ class ConvNet(nn.Module):
                 x = _max_pool_2x2(x)
             for layer in range(convs):
                 name = f"stage{stage}_conv{layer}"
+                # Logical (input, output) channel names: FSDP splits 'embed', tensor
+                # parallelism 'mlp'; the first convolution's few input channels stay whole.
+                channels = (None, "embed") if stage == layer == 0 else ("embed", "mlp")
                 x = nn.Conv(features, (3, 3), padding="SAME", name=name,
                             use_bias=self.norm == "none",
                             kernel_init=nn.with_logical_partitioning(
-                                nn.initializers.he_normal(), (None, None, None, None)),
-                            bias_init=transformer.zeros_init((None,)), **precision.of(self))(x)
+                                nn.initializers.he_normal(), (None, None, *channels)),
+                            bias_init=transformer.zeros_init(channels[1:]),
+                            **precision.of(self))(x)
                 if self.norm == "batch":
                     x = batch_norm(train, momentum=self.bn_momentum, epsilon=1e-5,
                                    name=f"{name}_bn", **precision.of(self))(x)
