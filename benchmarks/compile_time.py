@@ -49,21 +49,6 @@ def tokenizer_overrides(config, folder: str) -> dict:
     return {"text.tokenizer": "vocab", "text.model_path": path}
 
 
-def abstract_batch(exp, per_device_batch: int) -> dict:
-    """ShapeDtypeStructs of a global batch of per_device_batch examples per device, sharded
-    over the batch axes as the input pipeline delivers it."""
-    import jax
-
-    from big_contrast import sharding
-    from big_contrast.experiment import example_batch
-
-    size = per_device_batch * exp.mesh.size
-    batch_sharding = sharding.batch_sharding(exp.mesh)
-    one = example_batch(exp.objective.batch_spec, exp.config.text.max_len)
-    return {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
-            for k, v in one.items()}
-
-
 def measure(config_arg: str, setting: str, per_device_batch: int) -> dict:
     """Seconds to trace + lower and to compile the config's train step under ``setting``."""
     import jax
@@ -81,7 +66,7 @@ def measure(config_arg: str, setting: str, per_device_batch: int) -> dict:
         exp = Experiment(config, examples_per_epoch=config.batch_size)
     abstract = exp.state_factory.abstract()
     step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
-    batch = abstract_batch(exp, per_device_batch)
+    batch = exp.abstract_batch(per_device_batch * exp.mesh.size)
     with jax.set_mesh(exp.mesh):
         began = time.perf_counter()
         lowered = step.lower(abstract, batch)

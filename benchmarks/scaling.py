@@ -72,8 +72,8 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from big_contrast import config as config_lib, sharding, sharding_report  # noqa: E402
-from big_contrast.experiment import Experiment, build_tokenizer, example_batch  # noqa: E402
+from big_contrast import config as config_lib, sharding_report  # noqa: E402
+from big_contrast.experiment import Experiment, build_tokenizer  # noqa: E402
 from big_contrast.train_state import make_train_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -235,14 +235,6 @@ def load(config_arg: str, mesh: dict, batch: int, scan: bool, settings: dict, fo
     return config
 
 
-def abstract_batch(exp, batch: int) -> dict:
-    """ShapeDtypeStructs of the global batch, sharded over the batch axes as fed."""
-    batch_sharding = sharding.batch_sharding(exp.mesh)
-    one = example_batch(exp.objective.batch_spec, exp.config.text.max_len)
-    return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype, sharding=batch_sharding)
-            for k, v in one.items()}
-
-
 def replicated_params(report) -> tuple[int, str]:
     """(bytes per device of parameters no mesh axis splits, the largest one's path), on a mesh
     of more than one device."""
@@ -291,7 +283,7 @@ def measure(config_arg: str, mode: str, n: int, batch: int, scan: bool, settings
     abstract = exp.state_factory.abstract()
     report = sharding_report.build_report(abstract, exp.mesh)
     step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
-    batch_specs = abstract_batch(exp, batch)
+    batch_specs = exp.abstract_batch(batch)
     began = time.perf_counter()
     with jax.set_mesh(exp.mesh):
         compiled = step.lower(abstract, batch_specs).compile()

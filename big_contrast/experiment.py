@@ -3,6 +3,7 @@ objective, training length and the train-state factory."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from big_contrast import config as config_lib, feeding, grad_cache, optim, sharding, validation
@@ -93,3 +94,11 @@ class Experiment:
             grad_cache.check_supported(self.objective, self.state_factory.model_state_shardings,
                                        config.batch_size, config.grad_cache.micro_batches,
                                        self.mesh)
+
+    def abstract_batch(self, size: int) -> dict:
+        """ShapeDtypeStructs of a global batch of ``size`` examples, sharded over the batch
+        axes as the input pipeline delivers it: for lowering the train step without data."""
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        one = example_batch(self.objective.batch_spec, self.config.text.max_len)
+        return {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
+                for k, v in one.items()}

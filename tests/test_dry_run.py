@@ -54,6 +54,19 @@ def test_fsdp_mesh_report_counts_each_shard():
     assert f"Parameters: {report.param_count:,}" in text
 
 
+def test_convnet_kernels_are_split_by_their_channel_names():
+    """The demo's ConvNet names its channels: FSDP splits inputs, tensor parallelism outputs
+    (its first convolution's three input channels stay whole)."""
+    report, _ = _report(tiny_clip_config("convnet", **{"mesh.data": 2, "mesh.fsdp": 2,
+                                                       "mesh.model": 2}))
+    rows = _rows(report)
+    first, second = rows["image_tower/stage0_conv0/kernel"], rows["image_tower/stage1_conv0/kernel"]
+    assert first.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert first.bytes_per_device == first.bytes // 2
+    assert second.spec == jax.sharding.PartitionSpec(None, None, "fsdp", "model")
+    assert second.bytes_per_device == second.bytes // 4
+
+
 def test_report_counts_batch_statistics_and_the_ema():
     report, _ = _report(tiny_clip_config("convnet", ema_decay=0.9))
     per_device = report.per_device

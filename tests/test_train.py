@@ -12,10 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from big_contrast import (checkpoint, evaluate as evaluate_lib, metrics, sharding,
-                          train as train_lib)
+from big_contrast import checkpoint, evaluate as evaluate_lib, metrics, train as train_lib
 from big_contrast.evaluators.common import Embedder
-from big_contrast.experiment import Experiment, example_batch
+from big_contrast.experiment import Experiment
 from big_contrast.train_state import make_train_step
 from tests.helpers import REPO, TINY_CLIP, tiny_clip_config, write_png_manifest
 from tests.labelled_data import write_labelled_set
@@ -80,9 +79,7 @@ def test_models_are_traced_under_the_sharding_rules():
     exp = Experiment(config, jax.devices())
     abstract = exp.state_factory.abstract()
     step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
-    batch = {k: jax.ShapeDtypeStruct((16, *v.shape[1:]), v.dtype,
-                                     sharding=sharding.batch_sharding(exp.mesh))
-             for k, v in example_batch(exp.objective.batch_spec, config.text.max_len).items()}
+    batch = exp.abstract_batch(16)
     embedder = Embedder(exp.objective, exp.mesh, 16, rules=exp.rules)
     with jax.set_mesh(exp.mesh):
         lowered_step = step.lower(abstract, batch).as_text()
