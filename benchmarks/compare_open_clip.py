@@ -10,7 +10,8 @@ eps 1e-6, weight decay 0.2 on matrices only), no gradient clipping, batch 256, f
 
 Each side trains on one fixed random batch already in memory (no data pipeline), so only
 the train step is timed: forward, backward, optimizer update (and open_clip's logit-scale
-clamp; ours clamps inside its step). After a warm-up the two alternate, ``--steps`` steps
+clamp; ours clamps inside its step). The process first calls host_memory.keep_freed_memory(),
+as the trainer's entrypoint does (both sides run under it; --glibc-malloc-defaults skips it). After a warm-up the two alternate, ``--steps`` steps
 each, for ``--rounds`` rounds; the table gives the median samples/s of each side's rounds
 and their ratio. torch runs with torch.set_num_threads(<CPU cores>) intra-op threads (XLA's
 CPU client uses every core by default); --threads changes that. On a CPU shared with other
@@ -213,8 +214,13 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch intra-op threads (default: every CPU core)")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="skip host_memory.keep_freed_memory(), which the trainer calls")
     args = parser.parse_args()
 
+    if not args.glibc_malloc_defaults:  # as the trainer's entrypoint does, for both sides
+        from big_contrast import host_memory
+        host_memory.keep_freed_memory()
     torch, open_clip = _import_torch()
     torch.set_num_threads(args.threads)
     import jax

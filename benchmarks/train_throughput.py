@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from big_contrast import config as config_lib
+from big_contrast import config as config_lib, host_memory
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
 from big_contrast.train_state import make_train_step
@@ -102,6 +102,7 @@ def main():
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. batch_size=256 data.num_workers=1")
     args = parser.parse_args()
+    host_memory.keep_freed_memory()  # as the trainer's entrypoint does
     config = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(config, dict(kv.split("=", 1) for kv in args.set))
     results = measure(config, args.steps)

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from big_contrast import config as config_lib, distributed
+from big_contrast import config as config_lib, distributed, host_memory
 
 FLAGS = flags.FLAGS
 
@@ -58,11 +58,12 @@ def _quiet_library_tracebacks(record: logging.LogRecord) -> bool:
 
 
 def run(main, workdir_required=lambda: True) -> None:
-    """app.run with our flag parser; requires --workdir unless ``workdir_required()`` (called
-    after parsing) says otherwise; connects the processes of a multi-process run; quiets INFO
-    logs of orbax/grain."""
+    """app.run with our flag parser; keeps freed host memory for reuse (host_memory.py);
+    requires --workdir unless ``workdir_required()`` (called after parsing) says otherwise;
+    connects the processes of a multi-process run; quiets INFO logs of orbax/grain."""
 
     def checked_main(argv):
+        host_memory.keep_freed_memory()  # before jax's CPU client exists
         if len(argv) > 1:
             sys.exit(f"error: unexpected arguments {argv[1:]}")
         if not FLAGS.workdir and workdir_required():

@@ -184,3 +184,36 @@ def test_convnet_batch_norm_uses_batch_statistics_in_training_and_running_ones_a
     # ... and evaluation normalises with those running statistics, not the batch's own.
     frozen = model.apply({**variables, **updated}, images, train=False)
     assert frozen[0].shape == pooled.shape and not np.allclose(frozen[0], pooled)
+
+
+def _attention_float64(q, k, v, mask, g):
+    """Softmax attention and its gradients for the output cotangent g, re-derived in float64:
+    dV = P^T g, dP = g V^T, dS = P * (dP - rowsum(dP * P)), dQ = dS K / sqrt(d), dK = dS^T Q /
+    sqrt(d); masked logits get no gradient (a fully masked row attends uniformly)."""
+    q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, g))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = np.where(mask, np.einsum("bhqd,bhkd->bhqk", q, k) * scale,
+                      -0.7 * np.finfo(np.float32).max)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bhkd->bhqd", probs, v)
+    dprobs = np.einsum("bhqd,bhkd->bhqk", g, v)
+    dlogits = np.where(mask, probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True)), 0.0)
+    dq = np.einsum("bhqk,bhkd->bhqd", dlogits, k) * scale
+    dk = np.einsum("bhqk,bhqd->bhkd", dlogits, q) * scale
+    dv = np.einsum("bhqk,bhqd->bhkd", probs, g)
+    return out, (dq, dk, dv)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_and_its_hand_written_gradients_match_a_float64_derivation(causal):
+    q, k, v, g = (np.asarray(jax.random.normal(key, (3, 2, 5, 8)))
+                  for key in jax.random.split(jax.random.key(3), 4))
+    # The third sequence is all padding: its rows attend uniformly and pass no gradient to q, k.
+    pad = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)[:, None, None, :]
+    mask = pad & np.tril(np.ones((5, 5), bool)) if causal else pad
+    out, vjp = jax.vjp(lambda q, k, v: transformer.attend(q, k, v, pad, causal=causal), q, k, v)
+    want_out, want_grads = _attention_float64(q, k, v, np.broadcast_to(mask, (3, 2, 5, 5)), g)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(vjp(g), want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
