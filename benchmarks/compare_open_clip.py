@@ -10,10 +10,11 @@ eps 1e-6, weight decay 0.2 on matrices only), no gradient clipping, batch 256, f
 
 Each side trains on one fixed random batch already in memory (no data pipeline), so only
 the train step is timed: forward, backward, optimizer update (and open_clip's logit-scale
-clamp; ours clamps inside its step). The process first calls host_memory.keep_freed_memory(),
-as the trainer's entrypoint does (both sides run under it; --glibc-malloc-defaults skips it). After a warm-up the two alternate, ``--steps`` steps
-each, for ``--rounds`` rounds; the table gives the median samples/s of each side's rounds
-and their ratio. torch runs with torch.set_num_threads(<CPU cores>) intra-op threads (XLA's
+clamp; ours clamps inside its step). The process first calls
+host_memory.keep_freed_memory(), as the trainer's entrypoint does (both sides run under it;
+--glibc-malloc-defaults skips it). After a warm-up the two alternate, ``--steps`` steps each,
+for ``--rounds`` rounds; the table gives the median samples/s of each side's rounds and their
+ratio. torch runs with torch.set_num_threads(<CPU cores>) intra-op threads (XLA's
 CPU client uses every core by default); --threads changes that. On a CPU shared with other
 busy processes torch's OpenMP threads wait at every barrier for a descheduled peer (measured
 on a loaded 2-core machine: ~55 samples/s with 2 threads, ~320 with 1), so compare on an

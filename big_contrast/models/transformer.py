@@ -188,8 +188,7 @@ def _swap_last_axes(x):
 
 @jax.custom_vjp
 def _attend(q, k, v, mask):
-    probs = _attention_probs(q, k, mask)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+    return _attend_fwd(q, k, v, mask)[0]
 
 
 def _attend_fwd(q, k, v, mask):
