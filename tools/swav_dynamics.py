@@ -26,6 +26,11 @@ from big_contrast.experiment import Experiment
 from big_contrast.train_state import make_train_step
 
 
+# Printed in this order (jax.device_get hands the dict back with its keys sorted).
+STATISTICS = ("code_entropy", "prediction_entropy", "mean_cosine", "score_spread",
+              "prototypes_used")
+
+
 def _entropy(probs):
     return -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1).mean()
 
@@ -76,7 +81,7 @@ def main():
                     stats = jax.device_get(measure(state.params, state.model_state, batch))
                     loss = f"{float(metrics['loss']):.3f}" if metrics else "-"
                     print(f"step {step:5d} | last loss {loss} | "
-                          + " | ".join(f"{k} {float(v):.3f}" for k, v in stats.items()),
+                          + " | ".join(f"{k} {float(stats[k]):.3f}" for k in STATISTICS),
                           flush=True)
                 if step < args.steps:
                     state, metrics = step_fn(state, batch)
