@@ -121,15 +121,13 @@ class Ours:
 
         from big_contrast import sharding
         from big_contrast.experiment import Experiment
-        from big_contrast.train_state import make_train_step
 
         self.jax = jax
         config = our_config(batch_size)
         exp = Experiment(config)
         self.mesh = exp.mesh
         state = exp.state_factory.create()
-        shardings = jax.tree.map(lambda s: s.sharding, exp.state_factory.abstract())
-        self.step_fn = make_train_step(exp.state_factory, shardings)
+        self.step_fn = exp.train_step()
         rng = np.random.default_rng(seed)
         images = rng.integers(0, 256, size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
         tokens = random_tokens(rng, batch_size, exp.tokenizer.eos_id, VOCAB).astype(np.int32)

@@ -3,7 +3,7 @@
   python benchmarks/compile_time.py [--configs configs/clip.py:B/32 configs/align.py:L2]
       [--settings unrolled scan] [--per_device_batch 2]
 
-The step is the trainer's (train_state.make_train_step), lowered and compiled for the abstract
+The step is the trainer's (Experiment.train_step), lowered and compiled for the abstract
 train state (StateFactory.abstract: shapes and shardings, nothing allocated) and a batch of
 per_device_batch examples per device. Each measurement runs in a fresh process, so no cache
 of an earlier one helps it. Printed: trace + lower seconds, XLA compile seconds, and the size
@@ -55,7 +55,6 @@ def measure(config_arg: str, setting: str, per_device_batch: int) -> dict:
 
     from big_contrast import config as config_lib
     from big_contrast.experiment import Experiment
-    from big_contrast.train_state import make_train_step
 
     config = config_lib.load_config_file(os.path.join(REPO, config_arg))
     with tempfile.TemporaryDirectory() as folder:
@@ -65,7 +64,7 @@ def measure(config_arg: str, setting: str, per_device_batch: int) -> dict:
         config_lib.apply_overrides(config, overrides)
         exp = Experiment(config, examples_per_epoch=config.batch_size)
     abstract = exp.state_factory.abstract()
-    step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
+    step = exp.train_step(abstract)
     batch = exp.abstract_batch(per_device_batch * exp.mesh.size)
     with jax.set_mesh(exp.mesh):
         began = time.perf_counter()

@@ -15,7 +15,7 @@ Paper recipes are measured with their layer stacks scanned (model.image.scan, mo
 compiles in seconds. A tokenizer that cannot be built here is replaced by one of the recipe's
 vocabulary size, as compile_time.py does.
 
-The step is the trainer's (train_state.make_train_step), lowered and compiled for the abstract
+The step is the trainer's (Experiment.train_step), lowered and compiled for the abstract
 train state and batch as compile_time.py does, traced as train.py traces it: under the mesh,
 with the config's logical-axis rules in force inside the step (sharding.under_rules), so the
 models' activation constraints (nn.with_logical_constraint) take effect.
@@ -74,7 +74,6 @@ import numpy as np  # noqa: E402
 
 from big_contrast import config as config_lib, sharding_report  # noqa: E402
 from big_contrast.experiment import Experiment, build_tokenizer  # noqa: E402
-from big_contrast.train_state import make_train_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compile_time import tokenizer_overrides  # noqa: E402
@@ -282,7 +281,7 @@ def measure(config_arg: str, mode: str, n: int, batch: int, scan: bool, settings
             return {**row, "error": str(e)}
     abstract = exp.state_factory.abstract()
     report = sharding_report.build_report(abstract, exp.mesh)
-    step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
+    step = exp.train_step(abstract)
     batch_specs = exp.abstract_batch(batch)
     began = time.perf_counter()
     with jax.set_mesh(exp.mesh):

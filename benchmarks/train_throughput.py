@@ -20,7 +20,6 @@ import numpy as np
 from big_contrast import config as config_lib, host_memory
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
-from big_contrast.train_state import make_train_step
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -36,8 +35,7 @@ def measure(config, steps: int) -> dict:
     exp = Experiment(config)
     mesh = exp.mesh
     state = exp.state_factory.create()
-    shardings = jax.tree.map(lambda s: s.sharding, exp.state_factory.abstract())
-    step_fn = make_train_step(exp.state_factory, shardings)
+    step_fn = exp.train_step()
     def batches():
         return pipeline.TrainBatches(config.data, exp.objective.batch_spec, exp.tokenizer,
                                      config.batch_size, config.seed, mesh)

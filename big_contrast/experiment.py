@@ -10,7 +10,7 @@ from big_contrast import config as config_lib, feeding, grad_cache, optim, shard
 from big_contrast import workdir as workdir_lib
 from big_contrast.data import sources, tokenizers
 from big_contrast.objectives import build_objective
-from big_contrast.train_state import Poison, StateFactory
+from big_contrast.train_state import Poison, StateFactory, TrainState, make_train_step
 
 
 def build_tokenizer(config, workdir: str | None = None) -> tokenizers.Tokenizer:
@@ -94,6 +94,13 @@ class Experiment:
             grad_cache.check_supported(self.objective, self.state_factory.model_state_shardings,
                                        config.batch_size, config.grad_cache.micro_batches,
                                        self.mesh)
+
+    def train_step(self, abstract_state: TrainState | None = None):
+        """The jitted train step (train_state.make_train_step) for this experiment's sharded
+        state, poisoned as config.debug asks; pass the abstract state if you have it already."""
+        abstract_state = abstract_state or self.state_factory.abstract()
+        return make_train_step(self.state_factory,
+                               jax.tree.map(lambda s: s.sharding, abstract_state), self.poison)
 
     def abstract_batch(self, size: int) -> dict:
         """ShapeDtypeStructs of a global batch of ``size`` examples, sharded over the batch

@@ -24,7 +24,6 @@ from big_contrast import metrics
 from big_contrast import workdir as workdir_lib
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
-from big_contrast.train_state import make_train_step
 
 
 def _rerun_hint(workdir: str) -> str:
@@ -104,8 +103,7 @@ def _run(config, workdir, exp, ckpt, data, evals, start, began) -> dict:
         if start < total_steps:  # an extended run is not finished any more
             workdir_lib.remove(workdir, workdir_lib.SUMMARY_FILE)
 
-    train_step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding,
-                                                                 abstract_state), exp.poison)
+    train_step = exp.train_step(abstract_state)
     writer = metrics.MetricWriter(workdir, config.tensorboard, resume_step=start)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     print(f"Training {config.objective} ({n_params:,} parameters) for {total_steps} steps of "

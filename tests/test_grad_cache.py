@@ -10,7 +10,6 @@ import pytest
 from big_contrast import config as bc, grad_cache, sharding
 from big_contrast.experiment import Experiment
 from big_contrast.objectives.base import PerExampleObjective
-from big_contrast.train_state import make_train_step
 from tests.helpers import REPO, tiny_clip_config
 
 VIT = {"model.image.type": "vit", "model.image.variant": "mu/8", "model.image.pool": "gap",
@@ -155,7 +154,7 @@ def test_train_step_with_grad_cache_moves_the_weights_like_the_big_batch():
         exp = Experiment(bc.apply_overrides(
             config, {"grad_cache.micro_batches": str(micro_batches)}), jax.devices()[:1])
         abstract = exp.state_factory.abstract()
-        step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
+        step = exp.train_step(abstract)
         with jax.set_mesh(exp.mesh):
             state, metrics = step(exp.state_factory.create(), _batch(exp))
         after.append((float(metrics["loss"]), jax.tree.map(np.asarray, state.params)))

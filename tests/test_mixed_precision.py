@@ -19,7 +19,6 @@ from big_contrast.models.efficientnet import EfficientNet
 from big_contrast.models.resnet import ResNet
 from big_contrast.models.text import TextTransformer
 from big_contrast.models.vit import ViT
-from big_contrast.train_state import make_train_step
 from tests.helpers import random_images, tiny_clip_config
 
 # As in test_efficientnet: 'rbg' keys and XLA's lowest backend optimisation level compile faster.
@@ -62,8 +61,7 @@ def _five_steps(dtype: str):
     computing in dtype, fitting one batch: a trajectory whose loss falls."""
     exp = Experiment(tiny_clip_config(**{"model.dtype": dtype}), jax.devices()[:1])
     state = exp.state_factory.create()
-    step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding,
-                                                           exp.state_factory.abstract()))
+    step = exp.train_step()
     batch = {"image": random_images(16, size=16), "text": _tokens(16, 12, 256)}
     initial = jax.tree.map(np.asarray, state)  # (the step donates the state)
     history = []

@@ -15,7 +15,6 @@ import pytest
 from big_contrast import checkpoint, config as bc, evaluate as evaluate_lib
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
-from big_contrast.train_state import make_train_step
 from tests import runs
 from tests.helpers import REPO
 
@@ -42,7 +41,7 @@ def _train(config, devices, batches):
     """Runs the train step over the batches; returns (states after each step, metrics)."""
     exp = Experiment(config, devices)
     abstract = exp.state_factory.abstract()
-    step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
+    step = exp.train_step(abstract)
     state = exp.state_factory.create()
     states, history = [jax.tree.map(np.asarray, state)], []
     with jax.set_mesh(exp.mesh):

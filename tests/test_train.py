@@ -15,7 +15,6 @@ import pytest
 from big_contrast import checkpoint, evaluate as evaluate_lib, metrics, train as train_lib
 from big_contrast.evaluators.common import Embedder
 from big_contrast.experiment import Experiment
-from big_contrast.train_state import make_train_step
 from tests.helpers import REPO, TINY_CLIP, tiny_clip_config, write_png_manifest
 from tests.labelled_data import write_labelled_set
 
@@ -78,7 +77,7 @@ def test_models_are_traced_under_the_sharding_rules():
     config = tiny_clip_config(**{"mesh.data": "2", "mesh.fsdp": "4"})
     exp = Experiment(config, jax.devices())
     abstract = exp.state_factory.abstract()
-    step = make_train_step(exp.state_factory, jax.tree.map(lambda s: s.sharding, abstract))
+    step = exp.train_step(abstract)
     batch = exp.abstract_batch(16)
     embedder = Embedder(exp.objective, exp.mesh, 16, rules=exp.rules)
     with jax.set_mesh(exp.mesh):

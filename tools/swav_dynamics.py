@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from big_contrast import config as config_lib, host_memory, losses
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
-from big_contrast.train_state import make_train_step
 
 
 # Printed in this order (jax.device_get hands the dict back with its keys sorted).
@@ -65,8 +64,7 @@ def main():
         parser.error(f"{args.config} trains {config.objective!r}; this tool watches SwAV")
     experiment = Experiment(config)
     state = experiment.state_factory.create()
-    shardings = jax.tree.map(lambda s: s.sharding, experiment.state_factory.abstract())
-    step_fn = make_train_step(experiment.state_factory, shardings)
+    step_fn = experiment.train_step()
     measure = jax.jit(lambda p, s, b: statistics(experiment.objective, config, p, s, b))
     data = pipeline.TrainBatches(config.data, experiment.objective.batch_spec,
                                  experiment.tokenizer, config.batch_size, config.seed,
