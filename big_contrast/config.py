@@ -244,13 +244,14 @@ def base_config() -> ml_collections.ConfigDict:
     # loss's gradients for them, so the loss still sees every negative of the global batch while
     # activations are held for one slice at a time. Needs towers without batch norm.
     c.grad_cache = ml_collections.ConfigDict({"micro_batches": 1})
-    # SwAV: codes from the first assign_crops crops (Sinkhorn: epsilon, iterations); a queue of
+    # SwAV: codes from the first assign_crops crops (Sinkhorn: epsilon, iterations; with
+    # hard_assignment each rounded to a one-hot of its largest code); a queue of
     # queue_length past embeddings (a multiple of batch_size; 0: none), filled from
     # queue_start_step and used once full; prototypes frozen for the first
     # freeze_prototypes_steps optimizer steps.
     c.swav = ml_collections.ConfigDict(
-        {"assign_crops": 2, "epsilon": 0.05, "sinkhorn_iterations": 3, "queue_length": 0,
-         "queue_start_step": 0, "freeze_prototypes_steps": 0})
+        {"assign_crops": 2, "epsilon": 0.05, "sinkhorn_iterations": 3, "hard_assignment": False,
+         "queue_length": 0, "queue_start_step": 0, "freeze_prototypes_steps": 0})
     # SimCLR: loss 'ntxent' (NT-Xent) or 'dcl' (decoupled: the positive left out of the
     # denominator); hard_negatives: MoCHi mixing (top_n > 0 turns it on) of each anchor's
     # top_n hardest negatives into pair_mixes synthetic negatives, and of the anchor with

@@ -352,14 +352,16 @@ def sinkhorn(scores, epsilon: float = 0.05, iterations: int = 3, *, axis_name=No
 
 
 def swav_loss(crop_scores, *, assign_crops=(0, 1), temperature: float = 0.1,
-              epsilon: float = 0.05, iterations: int = 3, queue_scores=None, axis_name=None):
+              epsilon: float = 0.05, iterations: int = 3, hard: bool = False, queue_scores=None,
+              axis_name=None):
     """SwAV's swapped prediction: every crop predicts the Sinkhorn codes of the other crops.
 
     loss = 1/|A| Σ_{i∈A} 1/(V−1) Σ_{v≠i} mean_b [ −Σ_k q_i[b, k] · log_softmax(s_v[b] / τ)_k ],
 
     where s_v = crop_scores[v], A = ``assign_crops``, and q_i = the batch's rows of
-    sinkhorn(concat([queue_scores[slot of i], s_i])). The codes are targets (no gradient), so
-    the gradient reaches the scores only through the log-softmax of the predicting crops.
+    sinkhorn(concat([queue_scores[slot of i], s_i])), or with ``hard`` the one-hot of each row's
+    largest code. The codes are targets (no gradient), so the gradient reaches the scores only
+    through the log-softmax of the predicting crops.
 
     Args:
       crop_scores: [V, B, K] scores of every crop of the (local) batch against the K prototypes,
@@ -367,6 +369,9 @@ def swav_loss(crop_scores, *, assign_crops=(0, 1), temperature: float = 0.1,
       assign_crops: indices A of the crops whose codes serve as targets.
       temperature: τ of the predicting softmax.
       epsilon, iterations: the Sinkhorn parameters.
+      hard: round each sample's codes to a one-hot of its largest code. The paper trains on the
+        soft codes; SwAV's README suggests hard assignment when the loss sticks at ln K (the
+        uniform codes of a collapsing representation), and it is what lets the CPU demo learn.
       queue_scores: optional [len(A), Q, K] scores of queued embeddings of each assignment
         crop against the current prototypes (scored by the caller); they enlarge the batch that
         Sinkhorn equipartitions but get no loss.
@@ -389,6 +394,8 @@ def swav_loss(crop_scores, *, assign_crops=(0, 1), temperature: float = 0.1,
         if queue_scores is not None:
             to_assign = jnp.concatenate([queue_scores[slot].astype(jnp.float32), to_assign])
         codes = sinkhorn(to_assign, epsilon, iterations, axis_name=axis_name)[-batch:]
+        if hard:
+            codes = jax.nn.one_hot(jnp.argmax(codes, axis=-1), codes.shape[-1], dtype=codes.dtype)
         per_crop = jnp.mean(-jnp.sum(codes * log_probs, axis=-1), axis=1)  # [V], crop i too
         total = total + (jnp.sum(per_crop) - per_crop[i]) / (num_crops - 1)
     loss = total / len(assign_crops)

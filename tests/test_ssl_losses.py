@@ -48,14 +48,17 @@ def numpy_sinkhorn(scores, epsilon=0.05, iterations=3):
     return (q * b).T
 
 
-def numpy_swav(crop_scores, assign=(0, 1), temperature=0.1, queue=None):
-    """Mean over assignment crops i of the mean over v != i of the batch-mean cross-entropy."""
+def numpy_swav(crop_scores, assign=(0, 1), temperature=0.1, queue=None, hard=False):
+    """Mean over assignment crops i of the mean over v != i of the batch-mean cross-entropy;
+    with ``hard`` against the one-hot of each sample's largest code."""
     crop_scores = np.asarray(crop_scores, np.float64)
     num_crops, batch = crop_scores.shape[:2]
     per_assign = []
     for slot, i in enumerate(assign):
         block = crop_scores[i] if queue is None else np.concatenate([queue[slot], crop_scores[i]])
         codes = numpy_sinkhorn(block)[-batch:]
+        if hard:
+            codes = np.eye(codes.shape[1])[codes.argmax(axis=1)]
         terms = [-(codes * _log_softmax(crop_scores[v] / temperature)).sum(axis=1).mean()
                  for v in range(num_crops) if v != i]
         per_assign.append(np.mean(terms))
@@ -129,14 +132,18 @@ def test_sinkhorn_sharded_equals_single_device(mesh):
 
 # ---------------------------------------------------------------- SwAV
 
+@pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("with_queue", [False, True])
-def test_swav_loss_matches_numpy(with_queue):
+def test_swav_loss_matches_numpy(with_queue, hard):
     rng = np.random.default_rng(3)
     crop_scores = rng.uniform(-1, 1, size=(4, 8, 10))
     queue = rng.uniform(-1, 1, size=(2, 16, 10)) if with_queue else None
-    got = swav_loss(jnp.float32(crop_scores),
+    got = swav_loss(jnp.float32(crop_scores), hard=hard,
                     queue_scores=None if queue is None else jnp.float32(queue))
-    np.testing.assert_allclose(float(got), numpy_swav(crop_scores, queue=queue), rtol=1e-5)
+    want = numpy_swav(crop_scores, queue=queue, hard=hard)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    if hard:  # one-hot targets: a different loss from the soft codes'
+        assert abs(want - numpy_swav(crop_scores, queue=queue)) > 0.05
 
 
 def test_swav_loss_at_uniform_scores_is_log_k():
@@ -146,21 +153,23 @@ def test_swav_loss_at_uniform_scores_is_log_k():
         np.testing.assert_allclose(float(got), np.log(7), rtol=1e-6)
 
 
-def test_swav_loss_sharded_value_and_gradients_equal_single_device(mesh):
+@pytest.mark.parametrize("hard", [False, True])
+def test_swav_loss_sharded_value_and_gradients_equal_single_device(mesh, hard):
     """Queue rows and batch rows interleave by device in the sharded Sinkhorn; codes are
     equivariant to row order, so the value equals the single-device loss on the global arrays."""
     rng = np.random.default_rng(4)
     crop_scores = jnp.float32(rng.uniform(-1, 1, size=(3, WORLD * 2, 6)))
     queue = jnp.float32(rng.uniform(-1, 1, size=(2, WORLD * 3, 6)))
-    sharded = jax.shard_map(lambda s, q: swav_loss(s, queue_scores=q, axis_name="data"),
+    sharded = jax.shard_map(lambda s, q: swav_loss(s, hard=hard, queue_scores=q, axis_name="data"),
                             mesh=mesh, in_specs=(P(None, "data"), P(None, "data")),
                             out_specs=P())
 
     value, grad = jax.jit(jax.value_and_grad(sharded))(crop_scores, queue)
     ref_value, ref_grad = jax.jit(jax.value_and_grad(
-        lambda s: swav_loss(s, queue_scores=queue)))(crop_scores)
+        lambda s: swav_loss(s, hard=hard, queue_scores=queue)))(crop_scores)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
-    np.testing.assert_allclose(float(value), numpy_swav(crop_scores, queue=queue), rtol=1e-5)
+    np.testing.assert_allclose(float(value), numpy_swav(crop_scores, queue=queue, hard=hard),
+                               rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), atol=1e-6)
 
 

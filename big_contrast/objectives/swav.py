@@ -8,7 +8,9 @@ Follows the official implementation (../shared/reference/ssl_swav.md) with these
 - the queue holds the assignment crops' embeddings, newest first; it is filled from
   ``swav.queue_start_step`` on and used once full, never containing the current batch;
 - freezing is by optimizer steps through optax (Objective.frozen_groups), so frozen prototypes
-  get no update, no weight decay and no momentum, as SwAV's ``grad = None`` does.
+  get no update, no weight decay and no momentum, as SwAV's ``grad = None`` does;
+- ``swav.hard_assignment`` optionally rounds the codes to one-hot (off in the paper recipe; the
+  CPU demo collapses without it, README "Image-only self-supervision").
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ PROTOTYPES = "prototypes"
 
 class SwAV(ImageOnly):
     """config.model.num_prototypes; config.loss.temperature; config.swav: {assign_crops,
-    epsilon, sinkhorn_iterations, queue_length, queue_start_step, freeze_prototypes_steps}."""
+    epsilon, sinkhorn_iterations, hard_assignment, queue_length, queue_start_step,
+    freeze_prototypes_steps}."""
 
     def __init__(self, config, tokenizer=None):
         del tokenizer  # image only
@@ -42,7 +45,8 @@ class SwAV(ImageOnly):
         self.freeze_steps = swav.freeze_prototypes_steps
         self._loss = functools.partial(
             losses.swav_loss, assign_crops=self.assign_crops, temperature=config.loss.temperature,
-            epsilon=swav.epsilon, iterations=swav.sinkhorn_iterations, axis_name=BATCH_AXES)
+            epsilon=swav.epsilon, iterations=swav.sinkhorn_iterations,
+            hard=swav.hard_assignment, axis_name=BATCH_AXES)
         self.embed_dim = config.model.embed_dim
 
     def init_variables(self, rng, batch):
