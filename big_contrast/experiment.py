@@ -98,7 +98,8 @@ class Experiment:
     def train_step(self, abstract_state: TrainState | None = None):
         """The jitted train step (train_state.make_train_step) for this experiment's sharded
         state, poisoned as config.debug asks; pass the abstract state if you have it already."""
-        abstract_state = abstract_state or self.state_factory.abstract()
+        if abstract_state is None:
+            abstract_state = self.state_factory.abstract()
         return make_train_step(self.state_factory,
                                jax.tree.map(lambda s: s.sharding, abstract_state), self.poison)
 

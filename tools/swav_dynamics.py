@@ -9,7 +9,8 @@ when every code is uniform), the mean entropy of the second crop's predictions s
 the mean cosine between the first crop's embeddings of different images (1 when they have
 collapsed onto one point), the spread of the prototype scores over the batch, and how many
 prototypes are some image's strongest code. A loss that falls while the code entropy climbs
-to ln K and the cosine rises is the trivial solution, not learning.
+to ln K and the cosine rises is the trivial solution, not learning, unless the run turns back
+(the hard-code demo does after about 200 steps: README, "Image-only self-supervision").
 """
 
 from __future__ import annotations
