@@ -5,7 +5,7 @@ simclr.hard_negatives.top_n > 0 adds MoCHi's synthetic hard negatives.
 Variants (the text after ':' in --config):
   demo  a small CIFAR-style ResNet on the synthetic world of centred shapes on plain
         backgrounds (recipe_parts.shape_world), 2 x 32 px views; trains and evaluates (kNN and
-        linear probe on shape) on a 2-core CPU in about 8 minutes (README: measured figures
+        linear probe on shape) on a 2-core CPU in 5 to 8 minutes (README: measured figures
         on two seeds, random-init rows beside).
   v1    SimCLR v1's ResNet-50 recipe: global batch 4,096, 100 epochs of imagenet2012 read
         through TFDS, LARS with lr 4.8 (= 0.3 x batch / 256), weight decay 1e-6, biases and

@@ -59,11 +59,17 @@ def main():
                         help="config overrides, e.g. swav.epsilon=0.02 seed=1")
     args = parser.parse_args()
     host_memory.keep_freed_memory()
-    config = config_lib.load_config_file(args.config)
-    config_lib.apply_overrides(config, dict(kv.split("=", 1) for kv in args.set))
-    if config.objective != "swav":
-        parser.error(f"{args.config} trains {config.objective!r}; this tool watches SwAV")
-    experiment = Experiment(config)
+    malformed = [kv for kv in args.set if "=" not in kv]
+    if malformed:
+        parser.error(f"--set takes KEY=VALUE, got {malformed}")
+    try:
+        config = config_lib.load_config_file(args.config)
+        config_lib.apply_overrides(config, dict(kv.split("=", 1) for kv in args.set))
+        if config.objective != "swav":
+            parser.error(f"{args.config} trains {config.objective!r}; this tool watches SwAV")
+        experiment = Experiment(config)
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
     state = experiment.state_factory.create()
     step_fn = experiment.train_step()
     measure = jax.jit(lambda p, s, b: statistics(experiment.objective, config, p, s, b))
