@@ -266,6 +266,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image = ml_collections.ConfigDict(
         {"type": "vit", "variant": "B/32", "pool": "cls", "stem": "patch", "norm": "batch",
          "bn_momentum": placeholder(float), "drop_connect": 0.2, "max_stride": placeholder(int),
+         "stages": placeholder(int), "fused_stages": 0,
          "remat": False, "remat_policy": "nothing_saveable", "scan": False})
     # type: vit | convnet | efficientnet | resnet. variant: resnet 18 | 34 | 50 | 101 | 152, or
     # tiny | small for 32x32 images (models/resnet.py). pool: vit cls | gap; convnet,
@@ -274,6 +275,8 @@ def base_config() -> ml_collections.ConfigDict:
     # imagenet (7x7 conv + max-pool) | cifar (3x3 conv, no pool).
     # norm: convnet only. bn_momentum: running-statistics decay (None: the tower's default).
     # drop_connect, max_stride: efficientnet's stochastic-depth rate and cap on the total stride.
+    # stages, fused_stages: efficientnet's number of B0 stages built (None: all 7) and how many
+    # of the first use EfficientNetV2's Fused-MBConv blocks.
     # remat: recompute each block's activations in the backward pass (vit, efficientnet, resnet).
     # remat_policy: what remat may keep: nothing_saveable | dots_saveable |
     # dots_with_no_batch_dims_saveable (jax.checkpoint_policies).

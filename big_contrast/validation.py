@@ -59,6 +59,11 @@ def _image_tower(cfg) -> None:
             _check("model.image.max_stride", cfg.max_stride,
                    cfg.max_stride is None or cfg.max_stride in (1, 2, 4, 8, 16, 32),
                    "a power of two up to 32 (or None)")
+            stages = len(efficientnet.B0_STAGES) if cfg.stages is None else cfg.stages
+            _check("model.image.stages", cfg.stages, 1 <= stages <= len(efficientnet.B0_STAGES),
+                   f"from 1 to {len(efficientnet.B0_STAGES)} (or None: all)")
+            _check("model.image.fused_stages", cfg.fused_stages, 0 <= cfg.fused_stages <= stages,
+                   "from 0 to the number of stages")
         if cfg.bn_momentum is not None:
             _check("model.image.bn_momentum", cfg.bn_momentum, 0 <= cfg.bn_momentum < 1,
                    "in [0, 1)")

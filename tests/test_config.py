@@ -80,3 +80,18 @@ def test_misspelt_synthetic_world_name_is_named_with_a_suggestion():
     with pytest.raises(bc.ConfigError, match="data.synthetic.backgrounds is 'stripy'; did you "
                                              "mean 'striped'"):
         validation.validate(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.image.stages", "8", "model.image.stages must be from 1 to 7 (or None: all), got 8"),
+    ("model.image.stages", "0", "model.image.stages must be from 1 to 7 (or None: all), got 0"),
+    ("model.image.fused_stages", "5",
+     "model.image.fused_stages must be from 0 to the number of stages, got 5"),
+])
+def test_efficientnet_stage_counts_are_checked(key, value, message):
+    config = bc.load_config_file(os.path.join(REPO, "configs/align.py:demo"))  # 4 stages
+    validation.validate(config)
+    bc.apply_overrides(config, {key: value})
+    with pytest.raises(bc.ConfigError) as error:
+        validation.validate(config)
+    assert str(error.value) == message

@@ -196,3 +196,75 @@ def test_shifted_depthwise_convolution_equals_the_grouped_convolution(size, kern
                                             feature_group_count=6)
     np.testing.assert_allclose(efficientnet.depthwise_conv_shifted(x, w, stride), expected,
                                atol=1e-5)
+
+
+def _conv_same_numpy(x, kernel, stride):
+    """float64 'SAME' convolution (TensorFlow's padding: the odd pixel at the end), NHWC."""
+    k = kernel.shape[0]
+    size = x.shape[1]
+    out = -(-size // stride)
+    pad = max((out - 1) * stride + k - size, 0)
+    x = np.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)))
+    result = np.zeros((x.shape[0], out, out, kernel.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            window = x[:, i:i + (out - 1) * stride + 1:stride, j:j + (out - 1) * stride + 1:stride]
+            result += window @ kernel[i, j]
+    return result
+
+
+def _batch_norm_numpy(x, epsilon):
+    """Training-mode BatchNorm at initialisation (scale 1, bias 0): the batch's statistics."""
+    return (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + epsilon)
+
+
+def _swish(x):
+    return x / (1 + np.exp(-x))
+
+
+@pytest.mark.parametrize("expand, features, stride", [(4, 6, 1), (1, 8, 2)])
+def test_fused_mbconv_matches_numpy(expand, features, stride):
+    """Fused-MBConv (EfficientNetV2) in training mode against a float64 re-derivation: a full
+    k x k convolution, BatchNorm, swish, then a 1x1 projection and BatchNorm (expand ratio > 1,
+    with the residual when the shape is kept), or that convolution alone (expand ratio 1)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 6, 6, 6)).astype(np.float32)
+    block = efficientnet.MBConv(expand, features, stride, 3, bn_momentum=0.9, bn_epsilon=1e-3,
+                                fused=True)
+    variables = nn.unbox(block.init(KEY, x))
+    params = variables["params"]
+    assert "depthwise_conv" not in params and "se_reduce" not in params
+    out, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    x64 = x.astype(np.float64)
+    if expand == 1:
+        kernel = np.asarray(params["fused_conv"]["kernel"], np.float64)
+        assert kernel.shape == (3, 3, 6, features)
+        expected = _swish(_batch_norm_numpy(_conv_same_numpy(x64, kernel, stride), 1e-3))
+    else:
+        expand_kernel = np.asarray(params["expand_conv"]["kernel"], np.float64)
+        assert expand_kernel.shape == (3, 3, 6, 6 * expand)
+        hidden = _swish(_batch_norm_numpy(_conv_same_numpy(x64, expand_kernel, stride), 1e-3))
+        project = np.asarray(params["project_conv"]["kernel"], np.float64)[0, 0]
+        expected = _batch_norm_numpy(hidden @ project, 1e-3) + x64  # shape kept: residual
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, atol=2e-4)
+
+
+def test_stages_and_fused_stages():
+    """`stages` builds the first stages only (and the head after them); `fused_stages` makes the
+    first ones Fused-MBConv; a 32 px image through 'small' with a stride-1 stem and four
+    stages (strides 1, 2, 2, 2) leaves a 4 x 4 map of 1,280 channels."""
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.uint8)
+    model = EfficientNet("small", stem_stride=1, stages=4, fused_stages=2, pool="gap_max")
+    (pooled, tokens), variables = jax.eval_shape(
+        lambda x: model.init_with_output(KEY, x), images)
+    params = nn.unbox(variables["params"])
+    assert [name for name in params if name.startswith("stage")] == [
+        "stage0_block0", "stage1_block0", "stage2_block0", "stage3_block0", "stage3_block1"]
+    assert set(params["stage0_block0"]) == {"fused_conv", "fused_bn"}  # expand ratio 1
+    assert set(params["stage1_block0"]) == {"expand_conv", "expand_bn", "project_conv",
+                                            "project_bn"}
+    assert params["stage1_block0"]["expand_conv"]["kernel"].shape == (3, 3, 16, 96)
+    assert {"depthwise_conv", "se_reduce"} <= set(params["stage2_block0"])
+    assert tokens.shape == (1, 16, 1280) and pooled.shape == (1, 2560)

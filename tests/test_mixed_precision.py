@@ -211,18 +211,21 @@ def test_scanned_resnet_stages_equal_the_unrolled_ones_batch_statistics_included
                  _convnet_stages(stats["batch_stats"], blocks), stats_scanned["batch_stats"])
 
 
-def test_scanned_efficientnet_stages_equal_the_unrolled_ones(monkeypatch):
-    # Three of B0's stages at full depth: blocks of 1, 3 and 2 (faster to compile than 'tiny').
+@pytest.mark.parametrize("fused_stages", [0, 2])
+def test_scanned_efficientnet_stages_equal_the_unrolled_ones(monkeypatch, fused_stages):
+    # Three of B0's stages at full depth: blocks of 1, 3 and 2 (faster to compile than 'tiny');
+    # with fused_stages=2 the first two are Fused-MBConv (the second's three blocks scanned).
     monkeypatch.setitem(efficientnet.VARIANTS, "test", efficientnet.Scaling(0.25, 1.0, 32))
     monkeypatch.setattr(efficientnet, "B0_STAGES", efficientnet.B0_STAGES[:1] + (
         (6, 24, 3, 2, 3), (6, 40, 2, 2, 5)))
     blocks = {1: 3, 2: 2}
     images = random_images(4)
     # (Evaluation: the scanned blocks' traced drop rates are given but not drawn.)
-    model = EfficientNet("test", drop_connect_rate=0.2)
+    model = EfficientNet("test", drop_connect_rate=0.2, fused_stages=fused_stages)
     (out, _), unrolled = _jit(functools.partial(model.init_with_output, KEY))(images)
     scanned = {name: _convnet_stages(tree, blocks) for name, tree in nn.unbox(unrolled).items()}
-    out_scanned, _ = _jit(EfficientNet("test", drop_connect_rate=0.2, scan=True).apply)(
+    out_scanned, _ = _jit(EfficientNet("test", drop_connect_rate=0.2, scan=True,
+                                       fused_stages=fused_stages).apply)(
         scanned, images)
     np.testing.assert_allclose(out, out_scanned, rtol=1e-5, atol=1e-5)
 

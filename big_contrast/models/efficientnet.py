@@ -1,6 +1,8 @@
-"""EfficientNet image tower (Tan & Le 2019), B0..B7, L2 and a tiny CPU size: ALIGN's image encoder.
+"""EfficientNet image tower (Tan & Le 2019), B0..B7, L2 and CPU sizes: ALIGN's image encoder.
 
-It returns (pooled, tokens) like the ViT tower, so configs can swap one for the other.
+Options for small images: fewer stages, a stride-1 stem, a cap on the total stride, and
+EfficientNetV2's Fused-MBConv blocks (Tan & Le 2021) in the first stages. It returns
+(pooled, tokens) like the ViT tower, so configs can swap one for the other.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Scaling:
 
 VARIANTS = {
     "tiny": Scaling(0.25, 0.34, 32),
+    "small": Scaling(1.0, 0.34, 32),  # B0's widths at a third of its depth
     "B0": Scaling(1.0, 1.0, 224),
     "B1": Scaling(1.0, 1.1, 240),
     "B2": Scaling(1.1, 1.2, 260),
@@ -171,6 +174,9 @@ class DropConnect(nn.Module):
 class MBConv(nn.Module):
     """Inverted-residual block: expand 1x1 -> depthwise -> squeeze-excite -> project 1x1.
 
+    ``fused`` makes it EfficientNetV2's Fused-MBConv: one full k x k convolution (with the
+    block's stride) does the expansion and the spatial filtering, without squeeze-excite;
+    with an expand ratio of 1 that convolution gives the output channels and nothing follows.
     The residual (with per-example drop-connect at ``drop_rate``, a call argument so that
     scanned blocks can each have their own; None: none) applies when the block keeps both the
     resolution and the channel count.
@@ -182,6 +188,7 @@ class MBConv(nn.Module):
     kernel: int
     bn_momentum: float
     bn_epsilon: float
+    fused: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -192,7 +199,18 @@ class MBConv(nn.Module):
         conv = functools.partial(_conv, **dtypes)
         in_features = inputs.shape[-1]
         hidden = in_features * self.expand_ratio
-        x = inputs
+        if self.fused:
+            x = self._fused(inputs, conv, bn, hidden)
+        else:
+            x = self._depthwise_separable(inputs, conv, bn, hidden, dtypes)
+        if self.stride == 1 and in_features == self.features:
+            x = DropConnect(name="drop_connect")(x, drop_rate, deterministic=not train)
+            x = x + inputs
+        return x
+
+    def _depthwise_separable(self, x, conv, bn, hidden, dtypes):
+        """EfficientNet's (V1) branch: expand 1x1, depthwise k x k, squeeze-excite, project."""
+        in_features = x.shape[-1]
         if self.expand_ratio != 1:
             x = conv(hidden, 1, "expand_conv", _EXPAND)(x)
             x = nn.swish(bn("expand_bn")(x))
@@ -206,11 +224,18 @@ class MBConv(nn.Module):
         x = x * nn.sigmoid(se)
 
         x = conv(self.features, 1, "project_conv", _PROJECT)(x)
-        x = bn("project_bn")(x)
-        if self.stride == 1 and in_features == self.features:
-            x = DropConnect(name="drop_connect")(x, drop_rate, deterministic=not train)
-            x = x + inputs
-        return x
+        return bn("project_bn")(x)
+
+    def _fused(self, x, conv, bn, hidden):
+        """EfficientNetV2's Fused-MBConv branch: a full k x k convolution, then a 1x1
+        projection unless the expand ratio is 1 (then the k x k convolution is the block)."""
+        if self.expand_ratio == 1:
+            x = conv(self.features, self.kernel, "fused_conv", _STEM, strides=self.stride)(x)
+            return nn.swish(bn("fused_bn")(x))
+        x = conv(hidden, self.kernel, "expand_conv", _EXPAND, strides=self.stride)(x)
+        x = nn.swish(bn("expand_bn")(x))
+        x = conv(self.features, 1, "project_conv", _PROJECT)(x)
+        return bn("project_bn")(x)
 
 
 def _mbconv_body(block, x, train, drop_rate):
@@ -239,6 +264,10 @@ class EfficientNet(nn.Module):
       max_stride: a cap on the total stride (DeepLab's "output stride"): a stage that would
         pass it keeps the resolution instead. None: the paper's 32, which leaves a 32 px image
         a 1 x 1 map where shapes are lost; 8 keeps a 4 x 4 map.
+      stages: how many of B0's seven stages to build (the head convolution follows the last);
+        None: all. A 32 px image needs only the first few.
+      fused_stages: the first this many stages use Fused-MBConv blocks (EfficientNetV2): full
+        convolutions learn the early, high-resolution filters faster than depthwise ones.
     Takes images [B, H, W, 3] (uint8, or floats already in [-1, 1]); returns
     (pooled [B, C_head], tokens [B, H' * W', C_head]) in dtype; tokens feed captioning
     decoders.
@@ -254,6 +283,8 @@ class EfficientNet(nn.Module):
     stem_stride: int = 2
     pool: str = "gap"
     max_stride: int | None = None
+    stages: int | None = None
+    fused_stages: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -270,7 +301,7 @@ class EfficientNet(nn.Module):
 
         stages = [(expand, round_filters(channels, coeffs.width),
                    round_repeats(repeats, coeffs.depth), stride, kernel)
-                  for expand, channels, repeats, stride, kernel in B0_STAGES]
+                  for expand, channels, repeats, stride, kernel in B0_STAGES[:self.stages]]
         num_blocks = sum(stage[2] for stage in stages)
         index, total_stride = 0, self.stem_stride
         for s, (expand, channels, repeats, stride, kernel) in enumerate(stages):
@@ -279,10 +310,11 @@ class EfficientNet(nn.Module):
             total_stride *= stride
             rates = [self.drop_connect_rate * (index + r) / num_blocks for r in range(repeats)]
             index += repeats
-            block = self._block()
+            block = functools.partial(self._block(), fused=s < self.fused_stages)
             x = block(expand, channels, stride, kernel, name=f"stage{s}_block0")(x, train, rates[0])
             if self.scan and repeats > 1:
                 rest = self._block(scanned=True)(expand, channels, 1, kernel,
+                                                 fused=s < self.fused_stages,
                                                  name=f"stage{s}_blocks")
                 scanned = stacks.scan_layers(_mbconv_body, repeats - 1, in_axes=(nn.broadcast, 0),
                                              collections=("params", "batch_stats"))

@@ -24,7 +24,7 @@ IMAGE_TOWERS = ("vit", "convnet", "efficientnet", "resnet")
 
 def build_image_tower(cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:
     """cfg: {type: 'vit' | 'convnet' | 'efficientnet' | 'resnet', variant, pool, stem, norm,
-    bn_momentum, drop_connect, remat, remat_policy, scan}; validation.py says which values
+    bn_momentum, drop_connect, max_stride, stages, fused_stages, remat, remat_policy, scan}; validation.py says which values
     each type takes. dtype, param_dtype: models/precision.py."""
     dtypes = {"dtype": dtype, "param_dtype": param_dtype}
     momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
@@ -37,6 +37,7 @@ def build_image_tower(cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Mod
     if cfg.type == "efficientnet":
         return EfficientNet(cfg.variant, stem_stride=int(cfg.stem[-1]), pool=cfg.pool,
                             drop_connect_rate=cfg.drop_connect, max_stride=cfg.max_stride,
+                            stages=cfg.stages, fused_stages=cfg.fused_stages,
                             **stack, **momentum, **dtypes)
     if cfg.type == "resnet":
         return ResNet(cfg.variant, stem=cfg.stem, pool=cfg.pool, **stack, **momentum, **dtypes)
