@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from big_contrast import config as config_lib, host_memory
+from big_contrast import cli, config as config_lib, host_memory
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
 
@@ -101,9 +101,11 @@ def main():
                         help="config overrides, e.g. batch_size=256 data.num_workers=1")
     args = parser.parse_args()
     host_memory.keep_freed_memory()  # as the trainer's entrypoint does
-    config = config_lib.load_config_file(args.config)
-    config_lib.apply_overrides(config, dict(kv.split("=", 1) for kv in args.set))
-    results = measure(config, args.steps)
+    config = cli.config_from_arguments(parser, args.config, args.set)
+    try:
+        results = measure(config, args.steps)
+    except config_lib.ConfigError as e:  # found when the Experiment validates the config
+        parser.error(str(e))
     print(f"{args.config} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s))")
     for key, value in results.items():
         print(f"  {key:<26} {value:,.3f}" if isinstance(value, float) else f"  {key:<26} {value}")

@@ -81,3 +81,18 @@ def run(main, workdir_required=lambda: True) -> None:
         main()
 
     app.run(checked_main, flags_parser=parse_flags)
+
+
+def config_from_arguments(parser, path: str, settings: list[str]):
+    """For argparse tools (benchmarks/, tools/): the recipe at ``path`` with ``settings``
+    ('KEY=VALUE' strings) applied; a malformed setting, a misspelt key or a bad value ends the
+    tool with one usage line naming it (argparse's parser.error), not a traceback."""
+    malformed = [kv for kv in settings if "=" not in kv]
+    if malformed:
+        parser.error(f"--set takes KEY=VALUE, got {malformed}")
+    try:
+        config = config_lib.load_config_file(path)
+        config_lib.apply_overrides(config, dict(kv.split("=", 1) for kv in settings))
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
+    return config

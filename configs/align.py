@@ -4,8 +4,8 @@
 Variants (the text after ':' in --config):
   demo  a CPU-sized ALIGN on the embedded synthetic world: EfficientNet 'small' cut to B0's
         first four stages (the first two Fused-MBConv, a stride-1 stem) and a 2-layer
-        bidirectional text encoder, AdamW; 7 to 8 minutes on a 2-core CPU (README, "ALIGN
-        demo": held-out shape top-1 and retrieval on two seeds).
+        bidirectional text encoder (mean-pooled), AdamW; about 7 minutes on a 2-core CPU
+        (README, "ALIGN demo": held-out shape top-1 and retrieval on three seeds).
   L2    the paper recipe: EfficientNet-L2 at 289 px, BERT-Large text (64 tokens, [CLS] pooled,
         linear projection to 640-d), global batch 16,384, LAMB (lr 1e-3, weight decay 1e-5),
         10k warmup steps then linear decay to 0 at 1.2M steps. Point data.* at your pairs and
@@ -59,6 +59,7 @@ def _demo(c):
     c.model.image.drop_connect = 0.0
     c.model.text.variant = "pico"
     c.model.text.pool = "mean"  # every token's output, averaged: learnt faster than [CLS] here
+    # with the previous tower (README, "ALIGN demo")
     c.model.embed_dim = 128
     c.text.tokenizer = "words"
     c.text.max_len = 24

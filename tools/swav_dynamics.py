@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from big_contrast import config as config_lib, host_memory, losses
+from big_contrast import cli, config as config_lib, host_memory, losses
 from big_contrast.data import pipeline
 from big_contrast.experiment import Experiment
 
@@ -59,15 +59,11 @@ def main():
                         help="config overrides, e.g. swav.epsilon=0.02 seed=1")
     args = parser.parse_args()
     host_memory.keep_freed_memory()
-    malformed = [kv for kv in args.set if "=" not in kv]
-    if malformed:
-        parser.error(f"--set takes KEY=VALUE, got {malformed}")
+    config = cli.config_from_arguments(parser, args.config, args.set)
+    if config.objective != "swav":
+        parser.error(f"{args.config} trains {config.objective!r}; this tool watches SwAV")
     try:
-        config = config_lib.load_config_file(args.config)
-        config_lib.apply_overrides(config, dict(kv.split("=", 1) for kv in args.set))
-        if config.objective != "swav":
-            parser.error(f"{args.config} trains {config.objective!r}; this tool watches SwAV")
-        experiment = Experiment(config)
+        experiment = Experiment(config)  # validates the config
     except config_lib.ConfigError as e:
         parser.error(str(e))
     state = experiment.state_factory.create()
