@@ -269,7 +269,8 @@ def base_config() -> ml_collections.ConfigDict:
          "stages": placeholder(int), "fused_stages": 0,
          "remat": False, "remat_policy": "nothing_saveable", "scan": False})
     # type: vit | convnet | efficientnet | resnet. variant: resnet 18 | 34 | 50 | 101 | 152, or
-    # tiny | small for 32x32 images (models/resnet.py). pool: vit cls | gap; convnet,
+    # tiny | small for 32x32 images (models/resnet.py); efficientnet B0..B7 | L2, or tiny |
+    # small for 32x32 images (models/efficientnet.py). pool: vit cls | gap; convnet,
     # efficientnet and resnet gap | max | gap_max. stem: vit patch | conv; convnet none |
     # space_to_depth; efficientnet stride2 (the paper) | stride1 (small images); resnet
     # imagenet (7x7 conv + max-pool) | cifar (3x3 conv, no pool).

@@ -24,8 +24,8 @@ IMAGE_TOWERS = ("vit", "convnet", "efficientnet", "resnet")
 
 def build_image_tower(cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:
     """cfg: {type: 'vit' | 'convnet' | 'efficientnet' | 'resnet', variant, pool, stem, norm,
-    bn_momentum, drop_connect, max_stride, stages, fused_stages, remat, remat_policy, scan}; validation.py says which values
-    each type takes. dtype, param_dtype: models/precision.py."""
+    bn_momentum, drop_connect, max_stride, stages, fused_stages, remat, remat_policy, scan};
+    validation.py says which values each type takes. dtype, param_dtype: models/precision.py."""
     dtypes = {"dtype": dtype, "param_dtype": param_dtype}
     momentum = {} if cfg.bn_momentum is None else {"bn_momentum": cfg.bn_momentum}
     stack = {"remat": cfg.remat, "remat_policy": cfg.remat_policy, "scan": cfg.scan}
