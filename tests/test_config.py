@@ -1,5 +1,6 @@
 """Config plumbing: config-string arguments, typed overrides, strict keys with suggestions,
-duration units, and the command line's error for a misspelt --config key."""
+duration units, the command line's error for a misspelt --config key, and the argparse
+tools' one-line errors for bad --set entries."""
 
 import os
 import subprocess
@@ -95,3 +96,20 @@ def test_efficientnet_stage_counts_are_checked(key, value, message):
     with pytest.raises(bc.ConfigError) as error:
         validation.validate(config)
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("tool, settings, message", [
+    ("benchmarks/train_throughput.py", ["model.image.stagez=3"],
+     "unknown config key 'model.image.stagez'; did you mean 'model.image.stages'?"),
+    ("benchmarks/train_throughput.py", ["optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
+    ("tools/swav_dynamics.py", ["swav.epsilon"], "--set takes KEY=VALUE, got ['swav.epsilon']"),
+])
+def test_tools_name_a_bad_setting_in_one_line(tool, settings, message):
+    """The argparse tools read --config/--set through cli.config_from_arguments: a bad setting
+    ends them with argparse's usage line and exit status 2, never a traceback."""
+    config = "configs/swav.py:demo" if "swav" in tool else "configs/align.py:demo"
+    result = subprocess.run([sys.executable, tool, "--config", config, "--set", *settings],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert "Traceback" not in result.stderr

@@ -230,6 +230,7 @@ class MBConv(nn.Module):
         """EfficientNetV2's Fused-MBConv branch: a full k x k convolution, then a 1x1
         projection unless the expand ratio is 1 (then the k x k convolution is the block)."""
         if self.expand_ratio == 1:
+            # (named like the stem's kernel: its output channels split, its input ones whole)
             x = conv(self.features, self.kernel, "fused_conv", _STEM, strides=self.stride)(x)
             return nn.swish(bn("fused_bn")(x))
         x = conv(hidden, self.kernel, "expand_conv", _EXPAND, strides=self.stride)(x)
